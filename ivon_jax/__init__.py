@@ -1,0 +1,29 @@
+"""ivon_jax: IVON (Improved Variational Online Newton) for JAX and Optax.
+
+IVON trains networks at Adam's cost while learning a diagonal Gaussian posterior over the
+weights (Shen et al., "Variational Learning is Effective for Large Deep Networks", ICML 2024).
+"""
+
+from ivon_jax._src.estimators import estimate_hessian
+from ivon_jax._src.grad import value_and_grad
+from ivon_jax._src.posterior import find_ivon_states
+from ivon_jax._src.posterior import posterior_std
+from ivon_jax._src.posterior import sample_params
+from ivon_jax._src.transform import IVONState
+from ivon_jax._src.transform import ScaleByIVONState
+from ivon_jax._src.transform import ivon
+from ivon_jax._src.transform import scale_by_ivon
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IVONState",
+    "ScaleByIVONState",
+    "estimate_hessian",
+    "find_ivon_states",
+    "ivon",
+    "posterior_std",
+    "sample_params",
+    "scale_by_ivon",
+    "value_and_grad",
+]

@@ -1,0 +1,186 @@
+"""The posterior q = N(m, σ²) defined by an IVON state: finding it, σ, and sampling from it."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ivon_jax._src import checks, noise
+from ivon_jax._src.transform import IVONState
+
+
+class Managed(NamedTuple):
+    """What defines σ for one parameter leaf that an IVON transform manages."""
+
+    hess: jax.Array  # h for this leaf
+    ess: jax.Array  # shape=(): λ of the transform that manages it
+    weight_decay: jax.Array  # shape=(): δ of that transform
+
+    def precision(self) -> jax.Array:
+        """λ (h + δ) = 1 / σ², in h's dtype."""
+        dt = self.hess.dtype
+        return self.ess.astype(dt) * (self.hess + self.weight_decay.astype(dt))
+
+
+def _is_ivon_state(x: Any) -> bool:
+    return isinstance(x, IVONState)
+
+
+def find_ivon_states(opt_state: optax.OptState) -> list[IVONState]:
+    """All IVON states inside ``opt_state``, however deeply nested.
+
+    Works through ``optax.chain`` tuples, ``inject_hyperparams``, ``masked`` and
+    ``multi_transform`` states, and Flax ``nnx.Optimizer`` states.
+
+    Raises:
+      ValueError: if there is none.
+    """
+    found = [
+        x for x in jax.tree.leaves(opt_state, is_leaf=_is_ivon_state) if _is_ivon_state(x)
+    ]
+    if not found:
+        raise ValueError(
+            "ivon_jax: no IVON state found in the optimizer state (an object of type "
+            f"{type(opt_state).__name__}). Pass the state made by `ivon_jax.ivon(...).init` "
+            "or by a chain that contains `ivon_jax.scale_by_ivon`."
+        )
+    return found
+
+
+def _scalar(x: Any) -> jax.Array:
+    # An NNX optimizer state wraps each array in a Variable; its single leaf is the array.
+    (leaf,) = jax.tree.leaves(x)
+    return leaf
+
+
+def managed_leaves(
+    tree: Any, opt_state: optax.OptState, tree_name: str = "params"
+) -> tuple[list[jax.Array], list[Managed | None], Any]:
+    """Aligns the leaves of ``tree`` (shaped like the parameters) with the IVON state(s).
+
+    Returns:
+      ``(leaves, managed, treedef)``: the leaves of ``tree``; for each, its :class:`Managed`
+      entry or ``None`` where no IVON transform manages it (masked out or frozen); and the
+      treedef to rebuild a tree like ``tree``.
+    """
+    table: dict[tuple[Any, ...], Managed] = {}
+    for st in find_ivon_states(opt_state):
+        ess, wd = _scalar(st.ess), _scalar(st.weight_decay)
+        for path, h in jax.tree_util.tree_flatten_with_path(st.hess)[0]:
+            key = checks.normalized_path(path)
+            if key in table:
+                raise ValueError(
+                    f"ivon_jax: parameter {checks.path_str(key)} is managed by more than one "
+                    "IVON transform; give each parameter to one of them."
+                )
+            table[key] = Managed(h, ess, wd)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves, managed, seen = [], [], 0
+    for path, x in flat:
+        entry = table.get(checks.normalized_path(path))
+        if entry is not None:
+            seen += 1
+            if jnp.shape(x) != entry.hess.shape:
+                raise ValueError(
+                    f"ivon_jax: `{tree_name}{checks.path_str(path)}` has shape {jnp.shape(x)} "
+                    f"but the IVON state holds shape {entry.hess.shape} for it."
+                )
+        leaves.append(x)
+        managed.append(entry)
+    if seen != len(table):
+        tree_paths = {checks.normalized_path(p) for p, _ in flat}
+        missing = [checks.path_str(k) for k in table if k not in tree_paths]
+        raise ValueError(
+            f"ivon_jax: the IVON state has leaves that `{tree_name}` lacks: "
+            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Was the optimizer "
+            f"initialised with a tree like this `{tree_name}`?"
+        )
+    return leaves, managed, treedef
+
+
+def posterior_std(opt_state: optax.OptState, params: optax.Params | None = None) -> Any:
+    r"""The posterior standard deviation :math:`\sigma = 1/\sqrt{\lambda (h + \delta)}`.
+
+    Args:
+      opt_state: an optimizer state containing one or more IVON states.
+      params: optional tree like the parameters. With it, the result has exactly its
+        structure, with σ = 0 for leaves no IVON transform manages. Without it, the result
+        has the structure of the IVON state's ``hess`` (``optax.MaskedNode`` where a mask
+        excluded a parameter); this needs a single IVON state.
+
+    Returns:
+      σ as a pytree, in the statistics' dtype (float32 or wider).
+
+    Example:
+      >>> import jax.numpy as jnp, ivon_jax
+      >>> opt = ivon_jax.ivon(0.1, ess=100.0, hess_init=1.0, weight_decay=0.0)
+      >>> sigma = ivon_jax.posterior_std(opt.init({"w": jnp.zeros(2)}))
+      >>> round(float(sigma["w"][0]), 6)  # 1 / sqrt(100 * 1)
+      0.1
+    """
+    if params is not None:
+        leaves, managed, treedef = managed_leaves(params, opt_state)
+        out = [
+            jnp.zeros(jnp.shape(x), jnp.result_type(x)) if m is None
+            else jax.lax.rsqrt(m.precision())
+            for x, m in zip(leaves, managed, strict=True)
+        ]
+        return jax.tree.unflatten(treedef, out)
+    states = find_ivon_states(opt_state)
+    if len(states) > 1:
+        raise ValueError(
+            "ivon_jax: the optimizer state holds several IVON states; pass `params=` to get "
+            "one tree of σ for all parameters."
+        )
+    (st,) = states
+    ess, wd = _scalar(st.ess), _scalar(st.weight_decay)
+    return jax.tree.map(lambda h: jax.lax.rsqrt(Managed(h, ess, wd).precision()), st.hess)
+
+
+def sample_params(
+    key: jax.Array, params: optax.Params, opt_state: optax.OptState
+) -> tuple[optax.Params, optax.Params]:
+    r"""Draws weights from the posterior: :math:`\theta = m + \sigma \odot \epsilon`.
+
+    Args:
+      key: a JAX PRNG key (``jax.random.key`` or ``jax.random.PRNGKey``).
+      params: the posterior mean m (the parameters the optimizer updates).
+      opt_state: an optimizer state containing the IVON state(s); nothing else is needed.
+
+    Returns:
+      ``(sampled, noise)``, both like ``params``. ``noise == sampled - params``: for float32
+      and float64 parameters it is σ ⊙ ε exactly and ``sampled = params + noise``; for
+      lower-precision parameters (bfloat16, float16) ε and σ are float32, ``sampled`` is
+      rounded to the parameter dtype and ``noise`` is the perturbation actually applied.
+      Leaves that no IVON transform manages (masked out, frozen) are returned unchanged with
+      zero noise.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, ivon_jax
+      >>> params = {"w": jnp.zeros(3)}
+      >>> state = ivon_jax.ivon(0.1, ess=100.0).init(params)
+      >>> sampled, noise = ivon_jax.sample_params(jax.random.key(0), params, state)
+    """
+    leaves, managed, treedef = managed_leaves(params, opt_state)
+    eps = noise.standard_normal_leaves(
+        key,
+        [None if m is None else (jnp.shape(x), m.hess.dtype) for x, m in zip(leaves, managed)],
+    )
+    sampled, perturbation = [], []
+    for x, m, e in zip(leaves, managed, eps, strict=True):
+        if m is None:
+            sampled.append(x)
+            perturbation.append(jnp.zeros_like(x))
+            continue
+        n = e / jnp.sqrt(m.precision())
+        if jnp.result_type(x) == n.dtype:
+            sampled.append(x + n)
+            perturbation.append(n)
+        else:
+            s = (x.astype(n.dtype) + n).astype(jnp.result_type(x))
+            sampled.append(s)
+            perturbation.append(s - x)
+    return jax.tree.unflatten(treedef, sampled), jax.tree.unflatten(treedef, perturbation)

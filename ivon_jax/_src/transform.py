@@ -1,0 +1,278 @@
+"""IVON as an optax transform: the state, ``scale_by_ivon`` and the ``ivon`` alias."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax._src import numerics
+
+from ivon_jax._src import checks
+
+
+class IVONState(NamedTuple):
+    """State of :func:`scale_by_ivon`: everything that defines the posterior's σ.
+
+    Its structure and dtypes never change between steps, so it can be carried through
+    ``lax.scan``/``lax.cond`` and checkpointed. It holds no noise and no copy of the parameters.
+    """
+
+    count: jax.Array  # shape=(), int32: number of updates applied (the t in 1 - b1^t)
+    momentum: optax.Updates  # g: like params, dtype promote(param, float32)
+    hess: optax.Updates  # h: like params, dtype promote(param, float32)
+    ess: jax.Array  # shape=(), canonical float: λ used for σ = 1 / sqrt(λ (h + δ))
+    weight_decay: jax.Array  # shape=(), canonical float: δ used for σ
+
+
+ScaleByIVONState = IVONState
+
+
+def stats_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype of IVON's statistics for a parameter of ``dtype``: float32 or wider.
+
+    With b2 = 0.99999 an increment of h is 1e-5 of its value, below bfloat16's resolution
+    (2^-8), so a bfloat16 h would never move.
+    """
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def scalar_dtype() -> jnp.dtype:
+    """float64 when x64 is enabled, float32 otherwise."""
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
+
+
+def _check_float_leaves(params: Any) -> None:
+    for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not jnp.issubdtype(jnp.result_type(p), jnp.floating):
+            raise TypeError(
+                f"ivon_jax: IVON manages floating-point parameters only, but "
+                f"`params{checks.path_str(path)}` has dtype {jnp.result_type(p)}. Exclude "
+                "such leaves with `optax.masked`/`optax.multi_transform`, or keep them out of "
+                "the parameter tree."
+            )
+
+
+def _check_common(ess: Any, hess_init: Any, b1: Any, b2: Any, weight_decay: Any) -> None:
+    checks.check_hyperparam("ess", ess, lambda x: x > 0, "> 0 (usually the training-set size)")
+    checks.check_hyperparam("hess_init", hess_init, lambda x: x > 0, "> 0")
+    checks.check_hyperparam("b1", b1, lambda x: 0 <= x < 1, "in [0, 1)")
+    checks.check_hyperparam("b2", b2, lambda x: 0 <= x < 1, "in [0, 1)")
+    checks.check_hyperparam("weight_decay", weight_decay, lambda x: x >= 0, ">= 0")
+
+
+def scale_by_ivon(
+    ess: float | jax.Array,
+    hess_init: float | jax.Array = 1.0,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.99999,
+    weight_decay: float | jax.Array = 1e-4,
+    debias: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    r"""IVON's preconditioning: momentum, the Hessian update and the natural-gradient step.
+
+    Given the averaged minibatch gradient :math:`\hat g` (the ``updates``) and the matching
+    Hessian estimate :math:`\hat h` (the ``hess`` keyword, see :func:`estimate_hessian`), one
+    update is, elementwise,
+
+    .. math::
+        g &\leftarrow \beta_1 g + (1-\beta_1)\hat g \\
+        h &\leftarrow \beta_2 h + (1-\beta_2)\hat h
+              + \tfrac12 (1-\beta_2)^2 (h-\hat h)^2 / (h+\delta) \\
+        u &= (g / (1-\beta_1^t) + \delta m) / (h + \delta)
+
+    and ``u`` is returned (no learning rate, no sign flip: chain it with
+    ``optax.scale_by_learning_rate``, as :func:`ivon` does). The third term of the h-update
+    keeps :math:`h+\delta > 0` for any :math:`\hat h`.
+
+    Args:
+      ess: effective sample size λ (> 0), usually the training-set size. No default: a
+        value of 1 gives enormous noise.
+      hess_init: initial Hessian estimate h₀ (> 0).
+      b1: momentum decay β₁ in [0, 1).
+      b2: Hessian decay β₂ in [0, 1).
+      weight_decay: prior precision δ (≥ 0); enters as the prior, not as decoupled decay.
+      debias: divide the momentum by 1 - β₁ᵗ.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state, params,
+      *, hess)`` requires ``params`` and ``hess``; other keyword arguments are ignored.
+
+    Example:
+      >>> import jax.numpy as jnp, ivon_jax
+      >>> tx = ivon_jax.scale_by_ivon(ess=100.0)
+      >>> state = tx.init({"w": jnp.ones(3)})
+
+    References:
+      Shen et al., "Variational Learning is Effective for Large Deep Networks", ICML 2024.
+    """
+    _check_common(ess, hess_init, b1, b2, weight_decay)
+
+    def init_fn(params: optax.Params) -> IVONState:
+        _check_float_leaves(params)
+        sd = scalar_dtype()
+
+        def zeros(p: jax.Array) -> jax.Array:
+            return jnp.zeros(jnp.shape(p), stats_dtype(p.dtype))
+
+        def full(p: jax.Array) -> jax.Array:
+            return jnp.full(jnp.shape(p), hess_init, stats_dtype(p.dtype))
+
+        return IVONState(
+            count=jnp.zeros([], jnp.int32),
+            momentum=jax.tree.map(zeros, params),
+            hess=jax.tree.map(full, params),
+            ess=jnp.asarray(ess, sd),
+            weight_decay=jnp.asarray(weight_decay, sd),
+        )
+
+    def update_fn(
+        updates: optax.Updates,
+        state: IVONState,
+        params: optax.Params | None = None,
+        *,
+        hess: optax.Updates | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, IVONState]:
+        del extra_args  # Unknown keyword arguments are ignored, as optax does.
+        if params is None:
+            raise ValueError(
+                "ivon_jax: IVON's update needs `params` (the posterior mean m enters the "
+                "weight-decay term): call `tx.update(grads, state, params, hess=hess)`."
+            )
+        if hess is None:
+            raise ValueError(
+                "ivon_jax: IVON's update needs the Hessian estimate: call "
+                "`tx.update(grads, state, params, hess=hess)` with `hess` from "
+                "`ivon_jax.estimate_hessian` or `ivon_jax.value_and_grad`."
+            )
+        masked_hint = (
+            "Inside `optax.masked`, pass `mask_compatible_extra_args=True` so that `hess` is "
+            "masked like the gradients."
+        )
+        checks.check_same_tree("grads", updates, "params", params)
+        checks.check_same_tree("hess", hess, "params", params, hint=masked_hint)
+        checks.check_same_tree(
+            "opt_state.hess", state.hess, "params", params,
+            hint="Was the optimizer initialised with these parameters?",
+        )
+
+        count = numerics.safe_increment(state.count)
+
+        def leaf_update(
+            g_hat: jax.Array, h_hat: jax.Array, p: jax.Array, g: jax.Array, h: jax.Array
+        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+            dt = h.dtype
+            b1_, b2_ = jnp.asarray(b1, dt), jnp.asarray(b2, dt)
+            wd = jnp.asarray(weight_decay, dt)
+            g_hat, h_hat, m = g_hat.astype(dt), h_hat.astype(dt), p.astype(dt)
+            g_new = b1_ * g + (1 - b1_) * g_hat
+            h_new = (
+                b2_ * h
+                + (1 - b2_) * h_hat
+                + (0.5 * (1 - b2_) ** 2) * jnp.square(h - h_hat) / (h + wd)
+            )
+            g_bar = g_new / (1 - b1_ ** count.astype(dt)) if debias else g_new
+            u = (g_bar + wd * m) / (h_new + wd)
+            return u.astype(p.dtype), g_new, h_new
+
+        out = jax.tree.map(leaf_update, updates, hess, params, state.momentum, state.hess)
+        # `out` holds a triple where params has a leaf; split it into three trees.
+        treedef = jax.tree.structure(params)
+        triples = treedef.flatten_up_to(out)
+        u, g_new, h_new = (treedef.unflatten([t[i] for t in triples]) for i in range(3))
+        sd = scalar_dtype()
+        return u, IVONState(
+            count=count,
+            momentum=g_new,
+            hess=h_new,
+            ess=jnp.asarray(ess, sd),
+            weight_decay=jnp.asarray(weight_decay, sd),
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def ivon(
+    learning_rate: optax.ScalarOrSchedule,
+    ess: float | jax.Array,
+    hess_init: float | jax.Array = 1.0,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.99999,
+    weight_decay: float | jax.Array = 1e-4,
+    clip_radius: float | jax.Array | None = None,
+    rescale_lr: bool = True,
+    debias: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    r"""The IVON optimizer (Improved Variational Online Newton) as an optax transform.
+
+    IVON learns a diagonal Gaussian posterior :math:`q(\theta) = N(m, \mathrm{diag}(\sigma^2))`
+    with :math:`\sigma = 1/\sqrt{\lambda (h + \delta)}`. The parameters passed to ``update``
+    are the mean m; σ lives in the state (:func:`posterior_std`). One step is
+
+    .. math::
+        m \leftarrow m - \alpha_t\, \mathrm{clip}\big((\bar g + \delta m)/(h + \delta),
+        -\xi, \xi\big)
+
+    after :func:`scale_by_ivon`'s update of g and h; with ``rescale_lr`` the learning rate is
+    :math:`\alpha_t (h_0 + \delta)` so early steps have size ≈ α_t.
+
+    Typical loop::
+
+        sampled, noise = ivon_jax.sample_params(key, params, opt_state)
+        grads = jax.grad(loss_fn)(sampled, batch)          # loss = *mean* over the batch
+        hess = ivon_jax.estimate_hessian(grads, noise, opt_state)
+        updates, opt_state = opt.update(grads, opt_state, params, hess=hess)
+        params = optax.apply_updates(params, updates)
+
+    Args:
+      learning_rate: α, a float ≥ 0 or an optax schedule.
+      ess: effective sample size λ > 0 (usually the training-set size N).
+      hess_init: h₀ > 0 (0.01 – 1; 0.1 is typical for CNNs).
+      b1: momentum decay β₁ in [0, 1).
+      b2: Hessian decay β₂ in [0, 1) (0.99999; use 0.999 – 0.9999 for short runs).
+      weight_decay: δ ≥ 0, the prior precision divided by λ.
+      clip_radius: ξ > 0 for an element-wise clip of the preconditioned step (1e-3 for
+        transformers), or ``None`` for no clipping.
+      rescale_lr: scale the learning rate by h₀ + δ (as the reference implementation).
+      debias: debias the momentum by 1 - β₁ᵗ.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params`` and ``hess``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, ivon_jax
+      >>> params = {"w": jnp.zeros(3)}
+      >>> opt = ivon_jax.ivon(0.1, ess=1000.0)
+      >>> state = opt.init(params)
+      >>> key = jax.random.key(0)
+      >>> loss_fn = lambda p: jnp.mean((p["w"] - 1.0) ** 2)
+      >>> sampled, noise = ivon_jax.sample_params(key, params, state)
+      >>> grads = jax.grad(loss_fn)(sampled)
+      >>> hess = ivon_jax.estimate_hessian(grads, noise, state)
+      >>> updates, state = opt.update(grads, state, params, hess=hess)
+      >>> params = optax.apply_updates(params, updates)
+
+    References:
+      Shen et al., "Variational Learning is Effective for Large Deep Networks", ICML 2024.
+    """
+    if not callable(learning_rate):
+        checks.check_hyperparam("learning_rate", learning_rate, lambda x: x >= 0, ">= 0")
+    if clip_radius is not None:
+        checks.check_hyperparam("clip_radius", clip_radius, lambda x: x > 0, "> 0 or None")
+    _check_common(ess, hess_init, b1, b2, weight_decay)
+
+    lr: optax.ScalarOrSchedule = learning_rate
+    if rescale_lr:
+        scale = hess_init + weight_decay
+        if callable(learning_rate):
+            schedule = learning_rate
+            lr = lambda count: schedule(count) * scale
+        else:
+            lr = learning_rate * scale
+    parts = [scale_by_ivon(ess, hess_init, b1, b2, weight_decay, debias)]
+    if clip_radius is not None:
+        parts.append(optax.clip(clip_radius))
+    parts.append(optax.scale_by_learning_rate(lr))
+    return optax.chain(*parts)
