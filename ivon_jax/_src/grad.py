@@ -10,13 +10,15 @@ import jax.numpy as jnp
 import optax
 
 from ivon_jax._src import estimators, posterior
+from ivon_jax._src.transform import stats_dtype
 
 MODES = ("vmap", "scan")
 
 
 def _accum_dtype(x: jax.Array) -> jnp.dtype:
+    # Sums over samples in float32 or wider; integer leaves (aux) are summed as they are.
     dt = jnp.result_type(x)
-    return jnp.promote_types(dt, jnp.float32) if jnp.issubdtype(dt, jnp.inexact) else dt
+    return stats_dtype(dt) if jnp.issubdtype(dt, jnp.floating) else dt
 
 
 def value_and_grad(

@@ -35,7 +35,10 @@ def stats_dtype(dtype: Any) -> jnp.dtype:
     With b2 = 0.99999 an increment of h is 1e-5 of its value, below bfloat16's resolution
     (2^-8), so a bfloat16 h would never move.
     """
-    return jnp.promote_types(dtype, jnp.float32)
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits >= 32:
+        return dtype
+    return jnp.dtype(jnp.float32)
 
 
 def scalar_dtype() -> jnp.dtype:
