@@ -5,7 +5,7 @@ import os
 # 8 simulated CPU devices for pmap/shard_map tests; must be set before JAX starts its backend.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")

@@ -9,7 +9,8 @@ estimates, which Price's estimator produces.
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 
 import ivon_jax

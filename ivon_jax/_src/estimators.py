@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from ivon_jax._src import checks, posterior
+from ivon_jax._src import checks
+from ivon_jax._src import posterior
 
 METHODS = ("price", "gradsq")
 

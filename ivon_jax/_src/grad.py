@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
-from typing import Any, Literal
+from collections.abc import Callable
+from collections.abc import Hashable
+from typing import Any
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from ivon_jax._src import estimators, posterior
+from ivon_jax._src import estimators
+from ivon_jax._src import posterior
 from ivon_jax._src.transform import stats_dtype
 
 MODES = ("vmap", "scan")

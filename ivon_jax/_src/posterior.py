@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from ivon_jax._src import checks, noise
+from ivon_jax._src import checks
+from ivon_jax._src import noise
 from ivon_jax._src.transform import IVONState
 
 
@@ -165,10 +167,11 @@ def sample_params(
       >>> sampled, noise = ivon_jax.sample_params(jax.random.key(0), params, state)
     """
     leaves, managed, treedef = managed_leaves(params, opt_state)
-    eps = noise.standard_normal_leaves(
-        key,
-        [None if m is None else (jnp.shape(x), m.hess.dtype) for x, m in zip(leaves, managed)],
-    )
+    shapes_dtypes = [
+        None if m is None else (jnp.shape(x), m.hess.dtype)
+        for x, m in zip(leaves, managed, strict=True)
+    ]
+    eps = noise.standard_normal_leaves(key, shapes_dtypes)
     sampled, perturbation = [], []
     for x, m, e in zip(leaves, managed, eps, strict=True):
         if m is None:
