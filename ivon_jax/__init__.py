@@ -4,6 +4,7 @@ IVON trains networks at Adam's cost while learning a diagonal Gaussian posterior
 weights (Shen et al., "Variational Learning is Effective for Large Deep Networks", ICML 2024).
 """
 
+from ivon_jax import metrics
 from ivon_jax._src.estimators import estimate_hessian
 from ivon_jax._src.grad import value_and_grad
 from ivon_jax._src.posterior import find_ivon_states
@@ -22,6 +23,7 @@ __all__ = [
     "estimate_hessian",
     "find_ivon_states",
     "ivon",
+    "metrics",
     "posterior_std",
     "sample_params",
     "scale_by_ivon",
