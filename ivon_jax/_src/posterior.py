@@ -153,12 +153,11 @@ def sample_params(
       opt_state: an optimizer state containing the IVON state(s); nothing else is needed.
 
     Returns:
-      ``(sampled, noise)``, both like ``params``. ``noise == sampled - params``: for float32
-      and float64 parameters it is σ ⊙ ε exactly and ``sampled = params + noise``; for
-      lower-precision parameters (bfloat16, float16) ε and σ are float32, ``sampled`` is
-      rounded to the parameter dtype and ``noise`` is the perturbation actually applied.
-      Leaves that no IVON transform manages (masked out, frozen) are returned unchanged with
-      zero noise.
+      ``(sampled, noise)``, both like ``params`` and in its dtypes, with
+      ``noise == sampled - params`` exactly: ``sampled`` is m + σ ⊙ ε (ε and σ in float32 or
+      wider) rounded to the parameter dtype, and ``noise`` is the perturbation actually
+      applied, which differs from σ ⊙ ε by that rounding. Leaves that no IVON transform
+      manages (masked out, frozen) are returned unchanged with zero noise.
 
     Example:
       >>> import jax, jax.numpy as jnp, ivon_jax
@@ -178,12 +177,10 @@ def sample_params(
             sampled.append(x)
             perturbation.append(jnp.zeros_like(x))
             continue
-        n = e / jnp.sqrt(m.precision())
-        if jnp.result_type(x) == n.dtype:
-            sampled.append(x + n)
-            perturbation.append(n)
-        else:
-            s = (x.astype(n.dtype) + n).astype(jnp.result_type(x))
-            sampled.append(s)
-            perturbation.append(s - x)
+        dt = jnp.result_type(x)
+        s = (x.astype(e.dtype) + e / jnp.sqrt(m.precision())).astype(dt)
+        sampled.append(s)
+        # The perturbation actually applied (after rounding θ to the parameter dtype), so that
+        # Price's estimator sees the θ − m at which the gradient was taken.
+        perturbation.append(s - x)
     return jax.tree.unflatten(treedef, sampled), jax.tree.unflatten(treedef, perturbation)

@@ -61,8 +61,12 @@ def _check_float_leaves(params: Any) -> None:
 def _check_common(ess: Any, hess_init: Any, b1: Any, b2: Any, weight_decay: Any) -> None:
     checks.check_hyperparam("ess", ess, lambda x: x > 0, "> 0 (usually the training-set size)")
     checks.check_hyperparam("hess_init", hess_init, lambda x: x > 0, "> 0")
-    checks.check_hyperparam("b1", b1, lambda x: 0 <= x < 1, "in [0, 1)")
-    checks.check_hyperparam("b2", b2, lambda x: 0 <= x < 1, "in [0, 1)")
+    rounded_hint = (
+        "in [0, 1) (under `optax.inject_hyperparams` with bfloat16 parameters, pass "
+        "`hyperparam_dtype=jnp.float32`: in bfloat16 a decay such as 0.99999 rounds to 1)"
+    )
+    checks.check_hyperparam("b1", b1, lambda x: 0 <= x < 1, rounded_hint)
+    checks.check_hyperparam("b2", b2, lambda x: 0 <= x < 1, rounded_hint)
     checks.check_hyperparam("weight_decay", weight_decay, lambda x: x >= 0, ">= 0")
 
 
@@ -278,5 +282,30 @@ def ivon(
     parts = [scale_by_ivon(ess, hess_init, b1, b2, weight_decay, debias)]
     if clip_radius is not None:
         parts.append(optax.clip(clip_radius))
-    parts.append(optax.scale_by_learning_rate(lr))
+    parts.append(_scale_by_negative_lr(lr))
     return optax.chain(*parts)
+
+
+def _scale_by_negative_lr(lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+    """Multiplies by -lr, keeping each update's dtype (``optax.scale_by_learning_rate`` lets
+    a float32 learning rate promote bfloat16 updates); the state matches optax's."""
+    if callable(lr):
+        schedule = lr
+
+        def init_fn(params: optax.Params) -> optax.ScaleByScheduleState:
+            del params
+            return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+        def update_fn(updates, state, params=None):
+            del params
+            step = schedule(state.count)
+            new = jax.tree.map(lambda u: jnp.asarray(-step, u.dtype) * u, updates)
+            return new, optax.ScaleByScheduleState(count=numerics.safe_increment(state.count))
+
+        return optax.GradientTransformation(init_fn, update_fn)
+
+    def scale_fn(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u: jnp.asarray(-lr, u.dtype) * u, updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, scale_fn)
