@@ -14,12 +14,15 @@ from ivon_jax._src.transform import IVONState
 from ivon_jax._src.transform import ScaleByIVONState
 from ivon_jax._src.transform import ivon
 from ivon_jax._src.transform import scale_by_ivon
+from ivon_jax._src.wrappers import SkipNonFiniteState
+from ivon_jax._src.wrappers import skip_nonfinite
 
 __version__ = "0.1.0"
 
 __all__ = [
     "IVONState",
     "ScaleByIVONState",
+    "SkipNonFiniteState",
     "estimate_hessian",
     "find_ivon_states",
     "ivon",
@@ -27,5 +30,6 @@ __all__ = [
     "posterior_std",
     "sample_params",
     "scale_by_ivon",
+    "skip_nonfinite",
     "value_and_grad",
 ]

@@ -11,6 +11,7 @@ import optax
 from optax._src import numerics
 
 from ivon_jax._src import checks
+from ivon_jax._src import wrappers
 
 
 class IVONState(NamedTuple):
@@ -212,6 +213,8 @@ def ivon(
     clip_radius: float | jax.Array | None = None,
     rescale_lr: bool = True,
     debias: bool = True,
+    *,
+    skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The IVON optimizer (Improved Variational Online Newton) as an optax transform.
 
@@ -245,6 +248,9 @@ def ivon(
         transformers), or ``None`` for no clipping.
       rescale_lr: scale the learning rate by h₀ + δ (as the reference implementation).
       debias: debias the momentum by 1 - β₁ᵗ.
+      skip_nonfinite: wrap the optimizer in :func:`skip_nonfinite`: a step whose gradients
+        or Hessian estimate hold a NaN or an infinity leaves the parameters and the whole
+        state unchanged (and is counted), so one bad batch cannot poison h and σ.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params`` and ``hess``.
@@ -283,7 +289,8 @@ def ivon(
     if clip_radius is not None:
         parts.append(optax.clip(clip_radius))
     parts.append(_scale_by_negative_lr(lr))
-    return optax.chain(*parts)
+    tx = optax.chain(*parts)
+    return wrappers.skip_nonfinite(tx) if skip_nonfinite else tx
 
 
 def _scale_by_negative_lr(lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:

@@ -1,0 +1,75 @@
+"""Wrappers around IVON's transform: skipping steps with non-finite gradients or estimates."""
+
+from __future__ import annotations
+
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax._src import numerics
+
+
+class SkipNonFiniteState(NamedTuple):
+    """State of :func:`skip_nonfinite`."""
+
+    inner_state: optax.OptState  # the wrapped transform's state, untouched on a skipped step
+    skipped: jax.Array  # shape=(), int32: number of steps skipped so far
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+def skip_nonfinite(
+    inner: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+    """Skips a step whose gradients or Hessian estimate hold a NaN or an infinity.
+
+    On such a step the updates are zero and the wrapped state — IVON's m-independent
+    statistics g and h, its step count, schedule counts — is returned unchanged, so one bad
+    batch cannot put a NaN into h (and hence σ) for the rest of training. The number of
+    skipped steps is counted in the state. Unlike ``optax.apply_if_finite``, the check
+    covers the ``hess`` keyword argument too, and a skip is never overridden.
+
+    Args:
+      inner: the transform to protect, e.g. ``ivon_jax.ivon(...)``
+        (``ivon(..., skip_nonfinite=True)`` is this wrapper around it).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`SkipNonFiniteState`.
+
+    Example:
+      >>> import jax.numpy as jnp, ivon_jax
+      >>> tx = ivon_jax.skip_nonfinite(ivon_jax.ivon(0.1, ess=100.0))
+      >>> params = {"w": jnp.zeros(2)}
+      >>> state = tx.init(params)
+      >>> bad = {"w": jnp.array([jnp.nan, 1.0])}
+      >>> updates, state = tx.update(bad, state, params, hess=bad)
+      >>> int(state.skipped)
+      1
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params: optax.Params) -> SkipNonFiniteState:
+        return SkipNonFiniteState(inner.init(params), jnp.zeros([], jnp.int32))
+
+    def update_fn(
+        updates: optax.Updates,
+        state: SkipNonFiniteState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, SkipNonFiniteState]:
+        finite = _all_finite(updates)
+        if extra_args.get("hess") is not None:
+            finite = jnp.logical_and(finite, _all_finite(extra_args["hess"]))
+        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+        keep = lambda new, old: jnp.where(finite, new, old)
+        new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
+        new_inner = jax.tree.map(keep, new_inner, state.inner_state)
+        skipped = jnp.where(finite, state.skipped, numerics.safe_increment(state.skipped))
+        return new_updates, SkipNonFiniteState(new_inner, skipped)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
