@@ -6,6 +6,7 @@ weights (Shen et al., "Variational Learning is Effective for Large Deep Networks
 
 from ivon_jax import metrics
 from ivon_jax._src.estimators import estimate_hessian
+from ivon_jax._src.grad import accumulated_value_and_grad
 from ivon_jax._src.grad import value_and_grad
 from ivon_jax._src.posterior import find_ivon_states
 from ivon_jax._src.posterior import posterior_std
@@ -23,6 +24,7 @@ __all__ = [
     "IVONState",
     "ScaleByIVONState",
     "SkipNonFiniteState",
+    "accumulated_value_and_grad",
     "estimate_hessian",
     "find_ivon_states",
     "ivon",

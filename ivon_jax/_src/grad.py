@@ -1,4 +1,9 @@
-"""Monte-Carlo value and gradient at posterior samples, with the matching Hessian estimate."""
+"""Monte-Carlo value and gradient at posterior samples, with the matching Hessian estimate.
+
+One estimate (ĝ, ĥ) averages over samples s, micro-batches j and devices d with weights
+w_j = B_j / Σ B (ALGORITHM.md, "Many devices, accumulation steps and samples"); every (d, j, s)
+draws its own noise from ``split(fold_in(fold_in(key, d), j), S)[s]``.
+"""
 
 from __future__ import annotations
 
@@ -18,10 +23,61 @@ from ivon_jax._src.transform import stats_dtype
 MODES = ("vmap", "scan")
 
 
-def _accum_dtype(x: jax.Array) -> jnp.dtype:
-    # Sums over samples in float32 or wider; integer leaves (aux) are summed as they are.
+def _accum_dtype(x: Any) -> jnp.dtype:
+    # Sums in float32 or wider; integer leaves (aux) are summed as they are.
     dt = jnp.result_type(x)
     return stats_dtype(dt) if jnp.issubdtype(dt, jnp.floating) else dt
+
+
+def _check_options(num_samples: int, mode: str, method: str) -> None:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"ivon_jax: `num_samples` must be an int >= 1, got {num_samples!r}")
+    if mode not in MODES:
+        raise ValueError(f"ivon_jax: `mode` must be one of {MODES}, got {mode!r}")
+    estimators.check_method(method)
+
+
+def _device_key(key: jax.Array, axis_name: Hashable | None) -> jax.Array:
+    if axis_name is None:
+        return key
+    return jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+
+
+def _sample_mean(
+    fun: Callable[..., Any], has_aux: bool, num_samples: int, method: str, mode: str
+) -> Callable[..., Any]:
+    """(key, params, opt_state, args, kwargs) -> mean over S samples of (value, grads, hess),
+    in float32 or wider."""
+    grad_fn = jax.value_and_grad(fun, has_aux=has_aux)
+
+    def one_sample(key, params, opt_state, args, kwargs):
+        sampled, noise = posterior.sample_params(key, params, opt_state)
+        value, grads = grad_fn(sampled, *args, **kwargs)
+        hess = estimators.estimate_hessian(grads, noise, opt_state, method)
+        return value, grads, hess
+
+    def run(key, params, opt_state, args, kwargs):
+        keys = jax.random.split(key, num_samples)
+        if mode == "vmap":
+            outs = jax.vmap(one_sample, in_axes=(0, None, None, None, None))(
+                keys, params, opt_state, args, kwargs
+            )
+            return jax.tree.map(lambda x: jnp.mean(x.astype(_accum_dtype(x)), axis=0), outs)
+        shapes = jax.eval_shape(one_sample, keys[0], params, opt_state, args, kwargs)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, _accum_dtype(s)), shapes)
+
+        def body(acc, k):
+            out = one_sample(k, params, opt_state, args, kwargs)
+            return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, out), None
+
+        total, _ = jax.lax.scan(body, zeros, keys)
+        return jax.tree.map(lambda t: t / num_samples, total)
+
+    return run
+
+
+def _cast_like(tree: Any, like: Any) -> Any:
+    return jax.tree.map(lambda x, s: x.astype(s.dtype), tree, like)
 
 
 def value_and_grad(
@@ -47,8 +103,10 @@ def value_and_grad(
       has_aux: whether ``fun`` returns ``(value, aux)``. ``aux`` is averaged over the samples
         (its leaves must be numeric) but not over devices.
       axis_name: inside ``pmap``/``shard_map``, the mapped axis: each device folds its index
-        into the key (so every device draws its own noise) and ``value``, ``grads`` and
-        ``hess`` are averaged over the axis (``lax.pmean``).
+        into the key first (so every device draws its own noise) and ``value``, ``grads`` and
+        ``hess`` are averaged over the axis (``lax.pmean``; every device must hold a batch
+        of the same size — otherwise use :func:`accumulated_value_and_grad`, which weights
+        by batch size).
       method: Hessian estimator, ``"price"`` (default) or ``"gradsq"``.
       mode: ``"vmap"`` (default) evaluates the samples in parallel; ``"scan"`` evaluates them
         one after another, so memory does not grow with S.
@@ -68,51 +126,132 @@ def value_and_grad(
       >>> loss, grads, hess = vg(jax.random.key(0), params, state, jnp.ones((5, 3)))
       >>> updates, state = opt.update(grads, state, params, hess=hess)
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"ivon_jax: `num_samples` must be an int >= 1, got {num_samples!r}")
-    if mode not in MODES:
-        raise ValueError(f"ivon_jax: `mode` must be one of {MODES}, got {mode!r}")
-    estimators.check_method(method)
+    _check_options(num_samples, mode, method)
+    mean_fn = _sample_mean(fun, has_aux, num_samples, method, mode)
     grad_fn = jax.value_and_grad(fun, has_aux=has_aux)
-
-    def one_sample(
-        key: jax.Array, params: optax.Params, opt_state: optax.OptState, args: Any, kwargs: Any
-    ) -> tuple[Any, optax.Updates, optax.Updates]:
-        sampled, noise = posterior.sample_params(key, params, opt_state)
-        value, grads = grad_fn(sampled, *args, **kwargs)
-        hess = estimators.estimate_hessian(grads, noise, opt_state, method)
-        return value, grads, hess
 
     def wrapped(
         key: jax.Array, params: optax.Params, opt_state: optax.OptState, *args: Any, **kwargs: Any
     ) -> tuple[Any, optax.Updates, optax.Updates]:
-        if axis_name is not None:
-            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-        keys = jax.random.split(key, num_samples)
-        if mode == "vmap":
-            outs = jax.vmap(one_sample, in_axes=(0, None, None, None, None))(
-                keys, params, opt_state, args, kwargs
-            )
-            mean = jax.tree.map(
-                lambda x: jnp.mean(x.astype(_accum_dtype(x)), axis=0).astype(x.dtype), outs
-            )
-        else:
-            shapes = jax.eval_shape(one_sample, keys[0], params, opt_state, args, kwargs)
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, _accum_dtype(s)), shapes)
-
-            def body(acc: Any, k: jax.Array) -> tuple[Any, None]:
-                out = one_sample(k, params, opt_state, args, kwargs)
-                return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, out), None
-
-            total, _ = jax.lax.scan(body, zeros, keys)
-            mean = jax.tree.map(
-                lambda t, s: (t / num_samples).astype(s.dtype), total, shapes
-            )
-        value, grads, hess = mean
+        key = _device_key(key, axis_name)
+        shapes = jax.eval_shape(grad_fn, params, *args, **kwargs)
+        value, grads, hess = mean_fn(key, params, opt_state, args, kwargs)
+        value, grads = _cast_like((value, grads), shapes)
         if axis_name is not None:
             loss = value[0] if has_aux else value
             loss, grads, hess = jax.lax.pmean((loss, grads, hess), axis_name)
             value = (loss, value[1]) if has_aux else loss
         return value, grads, hess
+
+    return wrapped
+
+
+def accumulated_value_and_grad(
+    fun: Callable[..., Any],
+    num_samples: int = 1,
+    has_aux: bool = False,
+    axis_name: Hashable | None = None,
+    *,
+    method: Literal["price", "gradsq"] = "price",
+    mode: Literal["vmap", "scan"] = "vmap",
+) -> Callable[..., tuple[Any, optax.Updates, optax.Updates]]:
+    r"""IVON's estimate accumulated over micro-batches (and devices), weighted by batch size.
+
+    Micro-batch j (of K, stacked along a leading axis) gets its own noise, from
+    ``fold_in(key, j)`` (after the device fold-in when ``axis_name`` is set), and S samples
+    as in :func:`value_and_grad`. The results are combined as
+
+    .. math:: \hat g = \sum_j w_j \hat g_j, \quad \hat h = \sum_j w_j \hat h_j, \quad
+              w_j = B_j / \textstyle\sum_{j'} B_{j'}
+
+    with j running over micro-batches *and* devices. The micro-batches are visited with
+    ``lax.scan``, so memory does not grow with K. ``optax.MultiSteps`` is no substitute: it
+    would pass IVON only the last micro-batch's ``hess``.
+
+    Args:
+      fun: ``fun(params, microbatch, *args, **kwargs) -> loss`` (or ``(loss, aux)``), the
+        *mean* loss over the valid examples of one micro-batch.
+      num_samples, has_aux, method, mode: as in :func:`value_and_grad`.
+      axis_name: inside ``pmap``/``shard_map``, the device axis to combine over (weighted by
+        each device's total batch size).
+
+    Returns:
+      A function ``(key, params, opt_state, microbatches, batch_sizes, *args, **kwargs) ->
+      (value, grads, hess)``. ``microbatches`` is a pytree of arrays with a leading axis K;
+      ``batch_sizes`` is None (equal weights) or an array of shape (K,) with B_j (for
+      micro-batches padded to a common shape, the number of valid examples; zero-size
+      micro-batches get weight 0). ``value`` (and ``aux``) are the weighted means over this
+      device's micro-batches; ``value``, ``grads`` and ``hess`` are combined over devices.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, ivon_jax
+      >>> params = {"w": jnp.zeros(3)}
+      >>> opt = ivon_jax.ivon(0.1, ess=100.0)
+      >>> state = opt.init(params)
+      >>> loss_fn = lambda p, xb: jnp.mean((xb @ p["w"] - 1.0) ** 2)
+      >>> acc = ivon_jax.accumulated_value_and_grad(loss_fn)
+      >>> xs = jnp.ones((4, 8, 3))  # 4 micro-batches of 8 examples
+      >>> loss, grads, hess = acc(jax.random.key(0), params, state, xs, None)
+    """
+    _check_options(num_samples, mode, method)
+    mean_fn = _sample_mean(fun, has_aux, num_samples, method, mode)
+    grad_fn = jax.value_and_grad(fun, has_aux=has_aux)
+
+    def wrapped(
+        key: jax.Array,
+        params: optax.Params,
+        opt_state: optax.OptState,
+        microbatches: Any,
+        batch_sizes: jax.Array | None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[Any, optax.Updates, optax.Updates]:
+        leading = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(microbatches)}
+        if len(leading) != 1 or None in leading:
+            raise ValueError(
+                "ivon_jax: `microbatches` must be a pytree of arrays sharing a leading "
+                f"micro-batch axis; got leading sizes {sorted(map(str, leading))}."
+            )
+        (num_micro,) = leading
+        if batch_sizes is None:
+            sizes = jnp.ones((num_micro,), jnp.float32)
+        else:
+            if jnp.shape(batch_sizes) != (num_micro,):
+                raise ValueError(
+                    f"ivon_jax: `batch_sizes` must have shape ({num_micro},), one size per "
+                    f"micro-batch; got {jnp.shape(batch_sizes)}."
+                )
+            sizes = jnp.asarray(batch_sizes).astype(jnp.float32)
+        key = _device_key(key, axis_name)
+        first = jax.tree.map(lambda x: x[0], microbatches)
+        shapes = jax.eval_shape(grad_fn, params, first, *args, **kwargs)
+        out_shapes = jax.eval_shape(
+            mean_fn, key, params, opt_state, (first, *args), kwargs
+        )
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shapes)
+
+        def body(acc, inputs):
+            j, mb, b = inputs
+            out = mean_fn(jax.random.fold_in(key, j), params, opt_state, (mb, *args), kwargs)
+            return jax.tree.map(lambda a, x: a + b.astype(a.dtype) * x, acc, out), None
+
+        total, _ = jax.lax.scan(
+            body, zeros, (jnp.arange(num_micro, dtype=jnp.uint32), microbatches, sizes)
+        )
+        local = jnp.sum(sizes)
+        value, grads, hess = total
+        aux = None
+        if has_aux:
+            value, aux = value
+            aux = jax.tree.map(lambda a: a / local.astype(a.dtype), aux)
+        if axis_name is not None:
+            value, grads, hess, weight = jax.lax.psum((value, grads, hess, local), axis_name)
+        else:
+            weight = local
+        value, grads, hess = jax.tree.map(
+            lambda t: t / weight.astype(t.dtype), (value, grads, hess)
+        )
+        value = (value, aux) if has_aux else value
+        return (*_cast_like((value, grads), shapes), hess)
 
     return wrapped

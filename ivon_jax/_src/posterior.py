@@ -43,6 +43,13 @@ def find_ivon_states(opt_state: optax.OptState) -> list[IVONState]:
     found = [
         x for x in jax.tree.leaves(opt_state, is_leaf=_is_ivon_state) if _is_ivon_state(x)
     ]
+    multi = lambda x: isinstance(x, optax.MultiStepsState)
+    if found and any(multi(x) for x in jax.tree.leaves(opt_state, is_leaf=multi)):
+        raise ValueError(
+            "ivon_jax: IVON is wrapped in `optax.MultiSteps`, which passes IVON only the last "
+            "micro-batch's `hess` and so silently biases h. Accumulate micro-batches with "
+            "`ivon_jax.accumulated_value_and_grad` instead."
+        )
     if not found:
         raise ValueError(
             "ivon_jax: no IVON state found in the optimizer state (an object of type "
