@@ -63,17 +63,33 @@ def _sample_mean(
                 keys, params, opt_state, args, kwargs
             )
             return jax.tree.map(lambda x: jnp.mean(x.astype(_accum_dtype(x)), axis=0), outs)
-        shapes = jax.eval_shape(one_sample, keys[0], params, opt_state, args, kwargs)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, _accum_dtype(s)), shapes)
-
-        def body(acc, k):
+        def term(k):
             out = one_sample(k, params, opt_state, args, kwargs)
-            return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, out), None
+            return jax.tree.map(lambda x: x.astype(_accum_dtype(x)), out)
 
-        total, _ = jax.lax.scan(body, zeros, keys)
+        total = _scan_sum(term, keys)
         return jax.tree.map(lambda t: t / num_samples, total)
 
     return run
+
+
+def _scan_sum(term: Callable[[Any], Any], xs: Any) -> Any:
+    """Σ_i term(xs[i]) with ``lax.scan``; memory does not grow with the number of terms.
+
+    The carry starts from the first term rather than from zeros, so it has the same
+    device-variance type as the terms under ``shard_map``.
+    """
+    n = jax.tree.leaves(xs)[0].shape[0]
+    first = term(jax.tree.map(lambda x: x[0], xs))
+    if n == 1:
+        return first
+
+    def body(acc, i):
+        # Index inside the loop: slicing xs[1:] up front would copy the inputs.
+        return jax.tree.map(jnp.add, acc, term(jax.tree.map(lambda x: x[i], xs))), None
+
+    total, _ = jax.lax.scan(body, first, jnp.arange(1, n))
+    return total
 
 
 def _cast_like(tree: Any, like: Any) -> Any:
@@ -154,6 +170,7 @@ def accumulated_value_and_grad(
     *,
     method: Literal["price", "gradsq"] = "price",
     mode: Literal["vmap", "scan"] = "vmap",
+    micro_mode: Literal["scan", "vmap"] = "scan",
 ) -> Callable[..., tuple[Any, optax.Updates, optax.Updates]]:
     r"""IVON's estimate accumulated over micro-batches (and devices), weighted by batch size.
 
@@ -164,9 +181,9 @@ def accumulated_value_and_grad(
     .. math:: \hat g = \sum_j w_j \hat g_j, \quad \hat h = \sum_j w_j \hat h_j, \quad
               w_j = B_j / \textstyle\sum_{j'} B_{j'}
 
-    with j running over micro-batches *and* devices. The micro-batches are visited with
-    ``lax.scan``, so memory does not grow with K. ``optax.MultiSteps`` is no substitute: it
-    would pass IVON only the last micro-batch's ``hess``.
+    with j running over micro-batches *and* devices. By default the micro-batches are
+    visited with ``lax.scan``, so memory does not grow with K. ``optax.MultiSteps`` is no
+    substitute: it would pass IVON only the last micro-batch's ``hess``.
 
     Args:
       fun: ``fun(params, microbatch, *args, **kwargs) -> loss`` (or ``(loss, aux)``), the
@@ -174,6 +191,10 @@ def accumulated_value_and_grad(
       num_samples, has_aux, method, mode: as in :func:`value_and_grad`.
       axis_name: inside ``pmap``/``shard_map``, the device axis to combine over (weighted by
         each device's total batch size).
+      micro_mode: ``"scan"`` (default) visits micro-batches one after another (gradient
+        accumulation, memory flat in K); ``"vmap"`` evaluates them in parallel. Under plain
+        ``jax.jit`` with the micro-batch axis sharded over a ``data`` mesh axis, ``"vmap"``
+        is data parallelism: each device evaluates its own groups with its own noise.
 
     Returns:
       A function ``(key, params, opt_state, microbatches, batch_sizes, *args, **kwargs) ->
@@ -194,6 +215,8 @@ def accumulated_value_and_grad(
       >>> loss, grads, hess = acc(jax.random.key(0), params, state, xs, None)
     """
     _check_options(num_samples, mode, method)
+    if micro_mode not in ("scan", "vmap"):
+        raise ValueError(f"ivon_jax: `micro_mode` must be 'scan' or 'vmap', got {micro_mode!r}")
     mean_fn = _sample_mean(fun, has_aux, num_samples, method, mode)
     grad_fn = jax.value_and_grad(fun, has_aux=has_aux)
 
@@ -225,19 +248,16 @@ def accumulated_value_and_grad(
         key = _device_key(key, axis_name)
         first = jax.tree.map(lambda x: x[0], microbatches)
         shapes = jax.eval_shape(grad_fn, params, first, *args, **kwargs)
-        out_shapes = jax.eval_shape(
-            mean_fn, key, params, opt_state, (first, *args), kwargs
-        )
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shapes)
 
-        def body(acc, inputs):
-            j, mb, b = inputs
+        def weighted(j, mb, b):
             out = mean_fn(jax.random.fold_in(key, j), params, opt_state, (mb, *args), kwargs)
-            return jax.tree.map(lambda a, x: a + b.astype(a.dtype) * x, acc, out), None
+            return jax.tree.map(lambda x: b.astype(x.dtype) * x, out)
 
-        total, _ = jax.lax.scan(
-            body, zeros, (jnp.arange(num_micro, dtype=jnp.uint32), microbatches, sizes)
-        )
+        inputs = (jnp.arange(num_micro, dtype=jnp.uint32), microbatches, sizes)
+        if micro_mode == "vmap":
+            total = jax.tree.map(lambda x: jnp.sum(x, axis=0), jax.vmap(weighted)(*inputs))
+        else:
+            total = _scan_sum(lambda inp: weighted(*inp), inputs)
         local = jnp.sum(sizes)
         value, grads, hess = total
         aux = None

@@ -174,7 +174,7 @@ def sample_params(
     """
     leaves, managed, treedef = managed_leaves(params, opt_state)
     shapes_dtypes = [
-        None if m is None else (jnp.shape(x), m.hess.dtype)
+        None if m is None else (jnp.shape(x), m.hess.dtype, noise.explicit_sharding(x))
         for x, m in zip(leaves, managed, strict=True)
     ]
     eps = noise.standard_normal_leaves(key, shapes_dtypes)

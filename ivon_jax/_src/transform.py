@@ -122,11 +122,12 @@ def scale_by_ivon(
         _check_float_leaves(params)
         sd = scalar_dtype()
 
+        # *_like keeps each parameter's sharding: the state is sharded like the parameters.
         def zeros(p: jax.Array) -> jax.Array:
-            return jnp.zeros(jnp.shape(p), stats_dtype(p.dtype))
+            return jnp.zeros_like(p, dtype=stats_dtype(p.dtype))
 
         def full(p: jax.Array) -> jax.Array:
-            return jnp.full(jnp.shape(p), hess_init, stats_dtype(p.dtype))
+            return jnp.full_like(p, hess_init, dtype=stats_dtype(p.dtype))
 
         return IVONState(
             count=jnp.zeros([], jnp.int32),
