@@ -208,7 +208,7 @@ def main() -> None:
                 r["timed_steps"] += 1
             r["loss"] = float(loss)
         if t % args.eval_every == 0 or t == args.steps:
-            for name, r in runs.items():
+            for r in runs.values():
                 r["curve"].append((t, evaluate(r["params"])))
             bar.write(f"step {t:5d}  val loss  AdamW {runs['AdamW']['curve'][-1][1]:.4f}  "
                       f"IVON {runs['IVON']['curve'][-1][1]:.4f}")
