@@ -50,8 +50,8 @@ def run_ivon_jax(cfg: dict[str, Any], vec: dict[str, np.ndarray], monkeypatch) -
     bounds = np.cumsum([0, *sizes])
     current_eps: list[jax.Array] = []
 
-    def stored_normal(key, shapes_dtypes):
-        del key
+    def stored_normal(key, shapes_dtypes, generator="fast"):
+        del key, generator
         (flat,) = current_eps
         return [
             None if sd is None else flat[bounds[i] : bounds[i + 1]].reshape(sd[0]).astype(sd[1])

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from ivon_jax._src import estimators
+from ivon_jax._src import noise
 from ivon_jax._src import posterior
 from ivon_jax._src.transform import stats_dtype
 
@@ -29,12 +30,13 @@ def _accum_dtype(x: Any) -> jnp.dtype:
     return stats_dtype(dt) if jnp.issubdtype(dt, jnp.floating) else dt
 
 
-def _check_options(num_samples: int, mode: str, method: str) -> None:
+def _check_options(num_samples: int, mode: str, method: str, generator: str) -> None:
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"ivon_jax: `num_samples` must be an int >= 1, got {num_samples!r}")
     if mode not in MODES:
         raise ValueError(f"ivon_jax: `mode` must be one of {MODES}, got {mode!r}")
     estimators.check_method(method)
+    noise.check_generator(generator)
 
 
 def _device_key(key: jax.Array, axis_name: Hashable | None) -> jax.Array:
@@ -44,16 +46,25 @@ def _device_key(key: jax.Array, axis_name: Hashable | None) -> jax.Array:
 
 
 def _sample_mean(
-    fun: Callable[..., Any], has_aux: bool, num_samples: int, method: str, mode: str
+    fun: Callable[..., Any],
+    has_aux: bool,
+    num_samples: int,
+    method: str,
+    mode: str,
+    generator: noise.Generator,
 ) -> Callable[..., Any]:
     """(key, params, opt_state, args, kwargs) -> mean over S samples of (value, grads, hess),
     in float32 or wider."""
     grad_fn = jax.value_and_grad(fun, has_aux=has_aux)
 
     def one_sample(key, params, opt_state, args, kwargs):
-        sampled, noise = posterior.sample_params(key, params, opt_state)
+        sampled, _ = posterior.sample_params(key, params, opt_state, generator=generator)
         value, grads = grad_fn(sampled, *args, **kwargs)
-        hess = estimators.estimate_hessian(grads, noise, opt_state, method)
+        # sample_params' noise is exactly sampled - params; recomputing it here, after the
+        # backward pass, lets XLA fuse it into the estimator instead of keeping a second
+        # parameter-sized buffer alive through the backward pass.
+        perturbation = jax.tree.map(jnp.subtract, sampled, params)
+        hess = estimators.estimate_hessian(grads, perturbation, opt_state, method)
         return value, grads, hess
 
     def run(key, params, opt_state, args, kwargs):
@@ -104,6 +115,7 @@ def value_and_grad(
     *,
     method: Literal["price", "gradsq"] = "price",
     mode: Literal["vmap", "scan"] = "vmap",
+    generator: noise.Generator = "fast",
 ) -> Callable[..., tuple[Any, optax.Updates, optax.Updates]]:
     r"""Monte-Carlo ``value_and_grad`` of ``fun`` under IVON's posterior, with ĥ.
 
@@ -126,6 +138,8 @@ def value_and_grad(
       method: Hessian estimator, ``"price"`` (default) or ``"gradsq"``.
       mode: ``"vmap"`` (default) evaluates the samples in parallel; ``"scan"`` evaluates them
         one after another, so memory does not grow with S.
+      generator: the noise generator of :func:`sample_params` (``"fast"`` or
+        ``"threefry"``).
 
     Returns:
       A function ``(key, params, opt_state, *args, **kwargs) -> (value, grads, hess)``;
@@ -142,8 +156,8 @@ def value_and_grad(
       >>> loss, grads, hess = vg(jax.random.key(0), params, state, jnp.ones((5, 3)))
       >>> updates, state = opt.update(grads, state, params, hess=hess)
     """
-    _check_options(num_samples, mode, method)
-    mean_fn = _sample_mean(fun, has_aux, num_samples, method, mode)
+    _check_options(num_samples, mode, method, generator)
+    mean_fn = _sample_mean(fun, has_aux, num_samples, method, mode, generator)
     grad_fn = jax.value_and_grad(fun, has_aux=has_aux)
 
     def wrapped(
@@ -171,6 +185,7 @@ def accumulated_value_and_grad(
     method: Literal["price", "gradsq"] = "price",
     mode: Literal["vmap", "scan"] = "vmap",
     micro_mode: Literal["scan", "vmap"] = "scan",
+    generator: noise.Generator = "fast",
 ) -> Callable[..., tuple[Any, optax.Updates, optax.Updates]]:
     r"""IVON's estimate accumulated over micro-batches (and devices), weighted by batch size.
 
@@ -188,7 +203,7 @@ def accumulated_value_and_grad(
     Args:
       fun: ``fun(params, microbatch, *args, **kwargs) -> loss`` (or ``(loss, aux)``), the
         *mean* loss over the valid examples of one micro-batch.
-      num_samples, has_aux, method, mode: as in :func:`value_and_grad`.
+      num_samples, has_aux, method, mode, generator: as in :func:`value_and_grad`.
       axis_name: inside ``pmap``/``shard_map``, the device axis to combine over (weighted by
         each device's total batch size).
       micro_mode: ``"scan"`` (default) visits micro-batches one after another (gradient
@@ -214,10 +229,10 @@ def accumulated_value_and_grad(
       >>> xs = jnp.ones((4, 8, 3))  # 4 micro-batches of 8 examples
       >>> loss, grads, hess = acc(jax.random.key(0), params, state, xs, None)
     """
-    _check_options(num_samples, mode, method)
+    _check_options(num_samples, mode, method, generator)
     if micro_mode not in ("scan", "vmap"):
         raise ValueError(f"ivon_jax: `micro_mode` must be 'scan' or 'vmap', got {micro_mode!r}")
-    mean_fn = _sample_mean(fun, has_aux, num_samples, method, mode)
+    mean_fn = _sample_mean(fun, has_aux, num_samples, method, mode, generator)
     grad_fn = jax.value_and_grad(fun, has_aux=has_aux)
 
     def wrapped(

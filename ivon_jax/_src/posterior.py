@@ -150,7 +150,11 @@ def posterior_std(opt_state: optax.OptState, params: optax.Params | None = None)
 
 
 def sample_params(
-    key: jax.Array, params: optax.Params, opt_state: optax.OptState
+    key: jax.Array,
+    params: optax.Params,
+    opt_state: optax.OptState,
+    *,
+    generator: noise.Generator = "fast",
 ) -> tuple[optax.Params, optax.Params]:
     r"""Draws weights from the posterior: :math:`\theta = m + \sigma \odot \epsilon`.
 
@@ -158,6 +162,9 @@ def sample_params(
       key: a JAX PRNG key (``jax.random.key`` or ``jax.random.PRNGKey``).
       params: the posterior mean m (the parameters the optimizer updates).
       opt_state: an optimizer state containing the IVON state(s); nothing else is needed.
+      generator: ``"fast"`` (default), a counter-based Gaussian generator several times
+        cheaper than JAX's on CPU, or ``"threefry"`` for ``jax.random.normal``. Both are
+        deterministic in the key; they give different (equally valid) draws.
 
     Returns:
       ``(sampled, noise)``, both like ``params`` and in its dtypes, with
@@ -177,7 +184,7 @@ def sample_params(
         None if m is None else (jnp.shape(x), m.hess.dtype, noise.explicit_sharding(x))
         for x, m in zip(leaves, managed, strict=True)
     ]
-    eps = noise.standard_normal_leaves(key, shapes_dtypes)
+    eps = noise.standard_normal_leaves(key, shapes_dtypes, generator)
     sampled, perturbation = [], []
     for x, m, e in zip(leaves, managed, eps, strict=True):
         if m is None:

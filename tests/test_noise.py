@@ -1,0 +1,115 @@
+"""Statistical tests of the noise generators, able to catch a bad one.
+
+Each check states its tolerance. Keys are fixed, so every number here is deterministic;
+the tolerances are set at ~5 standard errors so a correct generator passes with any key,
+and a negative control shows the same checks reject a non-Gaussian generator with the right
+mean and variance.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+import ivon_jax
+from ivon_jax._src import noise
+
+N = 1_000_000
+
+
+def _draw(key, shape=(N,), generator="fast"):
+    (z,) = noise.standard_normal_leaves(key, [(shape, jnp.float32, None)], generator)
+    return np.asarray(z, np.float64).ravel()
+
+
+def _gaussian_checks(z):
+    """Raises AssertionError if z does not look like i.i.d. N(0, 1) draws."""
+    n = z.size
+    assert abs(z.mean()) < 5 / np.sqrt(n)
+    assert abs(z.var() - 1) < 5 * np.sqrt(2 / n)
+    assert abs(stats.skew(z)) < 5 * np.sqrt(6 / n)
+    assert abs(stats.kurtosis(z)) < 5 * np.sqrt(24 / n)  # excess kurtosis
+    assert stats.kstest(z, "norm").pvalue > 1e-4
+    # Tails: P(|z| > 3) = 0.0027 and P(|z| > 4) = 6.3e-5, within 5 binomial std errors.
+    for t in (3.0, 4.0):
+        p = 2 * stats.norm.sf(t)
+        frac = np.mean(np.abs(z) > t)
+        assert abs(frac - p) < 5 * np.sqrt(p * (1 - p) / n), (t, frac, p)
+    # Serial independence: lag-1 and lag-2 correlations.
+    for lag in (1, 2):
+        r = np.corrcoef(z[:-lag], z[lag:])[0, 1]
+        assert abs(r) < 5 / np.sqrt(n), (lag, r)
+
+
+@pytest.mark.parametrize("generator", ["fast", "threefry"])
+def test_marginal_is_standard_normal(generator):
+    _gaussian_checks(_draw(jax.random.key(0), generator=generator))
+
+
+def test_multidimensional_leaf_is_standard_normal():
+    _gaussian_checks(_draw(jax.random.key(1), shape=(1000, 10, 100)))
+
+
+def test_negative_control_rejects_a_non_gaussian_with_right_moments():
+    u = np.asarray(jax.random.uniform(jax.random.key(0), (N,)), np.float64)
+    fake = np.sqrt(3.0) * (2 * u - 1)  # mean 0, variance 1, not Gaussian
+    with pytest.raises(AssertionError):
+        _gaussian_checks(fake)
+    # ... and a Gaussian with serial correlation.
+    z = _draw(jax.random.key(2))
+    correlated = (z + 0.02 * np.roll(z, 1)) / np.sqrt(1 + 0.02**2)
+    with pytest.raises(AssertionError):
+        _gaussian_checks(correlated)
+
+
+def _max_abs_corr(rows):
+    c = np.corrcoef(np.stack(rows))
+    return np.max(np.abs(c[~np.eye(len(rows), dtype=bool)]))
+
+
+def test_no_correlation_across_leaves_steps_samples_and_devices():
+    n = 200_000
+    tol = 5 / np.sqrt(n)
+    key = jax.random.key(3)
+    params = {f"w{i}": jnp.zeros(n) for i in range(4)}
+    state = ivon_jax.ivon(0.1, ess=1.0, hess_init=1.0, weight_decay=0.0).init(params)
+    # σ = 1 here, so the noise is ε itself.
+    leaves = ivon_jax.sample_params(key, params, state)[1]
+    assert _max_abs_corr([np.asarray(v) for v in leaves.values()]) < tol
+    steps = [ivon_jax.sample_params(jax.random.fold_in(key, t), params, state)[1]["w0"]
+             for t in range(4)]
+    assert _max_abs_corr([np.asarray(v) for v in steps]) < tol
+    samples = [ivon_jax.sample_params(k, params, state)[1]["w0"]
+               for k in jax.random.split(key, 4)]
+    assert _max_abs_corr([np.asarray(v) for v in samples]) < tol
+    devices = [ivon_jax.sample_params(jax.random.fold_in(jax.random.fold_in(key, 7), d),
+                                      params, state)[1]["w0"] for d in range(4)]
+    assert _max_abs_corr([np.asarray(v) for v in devices]) < tol
+    # Adjacent elements of one leaf, seen as pairs: (z_{2i}, z_{2i+1}) uncorrelated.
+    z = np.asarray(leaves["w0"])
+    assert abs(np.corrcoef(z[0::2], z[1::2])[0, 1]) < 5 / np.sqrt(n / 2)
+
+
+def test_same_key_same_noise_and_generators_differ():
+    key = jax.random.key(4)
+    np.testing.assert_array_equal(_draw(key, (1000,)), _draw(key, (1000,)))
+    a, b = _draw(key, (1000,)), _draw(key, (1000,), generator="threefry")
+    assert not np.allclose(a, b)
+    assert not np.allclose(_draw(jax.random.key(5), (1000,)), a)
+
+
+def test_raw_uint32_keys_and_odd_shapes():
+    raw = jax.random.PRNGKey(0)
+    (z,) = noise.standard_normal_leaves(raw, [((3, 0, 2), jnp.float32, None)])
+    assert z.shape == (3, 0, 2)
+    (z,) = noise.standard_normal_leaves(raw, [((), jnp.bfloat16, None)])
+    assert z.shape == () and z.dtype == jnp.bfloat16
+    _gaussian_checks(_draw(raw, (N,)))
+
+
+def test_unknown_generator_is_refused():
+    with pytest.raises(ValueError, match="unknown noise generator"):
+        ivon_jax.sample_params(jax.random.key(0), {"w": jnp.zeros(2)},
+                               ivon_jax.ivon(0.1, ess=1.0).init({"w": jnp.zeros(2)}),
+                               generator="mersenne")
