@@ -184,8 +184,10 @@ def test_sampling_is_jittable_and_matches_eager():
     key = jax.random.key(5)
     eager = ivon_jax.sample_params(key, params, state)
     jitted = jax.jit(ivon_jax.sample_params)(key, params, state)
+    # Fused (jit) and unfused (eager) transcendental functions may differ by an ulp, and
+    # noise = sampled - params then differs by up to two ulps of params (|params| ≤ 1).
     for e, j in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
-        np.testing.assert_allclose(np.asarray(e), np.asarray(j), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(e), np.asarray(j), rtol=1e-6, atol=2.4e-7)
 
 
 # ------------------------------------------------------------------------------- dtypes

@@ -54,7 +54,7 @@ def _sample_mean(
     generator: noise.Generator,
 ) -> Callable[..., Any]:
     """(key, params, opt_state, args, kwargs) -> mean over S samples of (value, grads, hess),
-    in float32 or wider."""
+    summed in float32 or wider and returned in the dtypes of one sample."""
     grad_fn = jax.value_and_grad(fun, has_aux=has_aux)
 
     def one_sample(key, params, opt_state, args, kwargs):
@@ -69,17 +69,23 @@ def _sample_mean(
 
     def run(key, params, opt_state, args, kwargs):
         keys = jax.random.split(key, num_samples)
+        if num_samples == 1:
+            return one_sample(keys[0], params, opt_state, args, kwargs)
         if mode == "vmap":
             outs = jax.vmap(one_sample, in_axes=(0, None, None, None, None))(
                 keys, params, opt_state, args, kwargs
             )
-            return jax.tree.map(lambda x: jnp.mean(x.astype(_accum_dtype(x)), axis=0), outs)
+            return jax.tree.map(
+                lambda x: jnp.mean(x.astype(_accum_dtype(x)), axis=0).astype(x.dtype), outs
+            )
+
         def term(k):
             out = one_sample(k, params, opt_state, args, kwargs)
             return jax.tree.map(lambda x: x.astype(_accum_dtype(x)), out)
 
         total = _scan_sum(term, keys)
-        return jax.tree.map(lambda t: t / num_samples, total)
+        like = jax.eval_shape(one_sample, keys[0], params, opt_state, args, kwargs)
+        return jax.tree.map(lambda t, s: (t / num_samples).astype(s.dtype), total, like)
 
     return run
 
@@ -101,10 +107,6 @@ def _scan_sum(term: Callable[[Any], Any], xs: Any) -> Any:
 
     total, _ = jax.lax.scan(body, first, jnp.arange(1, n))
     return total
-
-
-def _cast_like(tree: Any, like: Any) -> Any:
-    return jax.tree.map(lambda x, s: x.astype(s.dtype), tree, like)
 
 
 def value_and_grad(
@@ -158,15 +160,12 @@ def value_and_grad(
     """
     _check_options(num_samples, mode, method, generator)
     mean_fn = _sample_mean(fun, has_aux, num_samples, method, mode, generator)
-    grad_fn = jax.value_and_grad(fun, has_aux=has_aux)
 
     def wrapped(
         key: jax.Array, params: optax.Params, opt_state: optax.OptState, *args: Any, **kwargs: Any
     ) -> tuple[Any, optax.Updates, optax.Updates]:
         key = _device_key(key, axis_name)
-        shapes = jax.eval_shape(grad_fn, params, *args, **kwargs)
         value, grads, hess = mean_fn(key, params, opt_state, args, kwargs)
-        value, grads = _cast_like((value, grads), shapes)
         if axis_name is not None:
             loss = value[0] if has_aux else value
             loss, grads, hess = jax.lax.pmean((loss, grads, hess), axis_name)
@@ -233,7 +232,6 @@ def accumulated_value_and_grad(
     if micro_mode not in ("scan", "vmap"):
         raise ValueError(f"ivon_jax: `micro_mode` must be 'scan' or 'vmap', got {micro_mode!r}")
     mean_fn = _sample_mean(fun, has_aux, num_samples, method, mode, generator)
-    grad_fn = jax.value_and_grad(fun, has_aux=has_aux)
 
     def wrapped(
         key: jax.Array,
@@ -261,12 +259,13 @@ def accumulated_value_and_grad(
                 )
             sizes = jnp.asarray(batch_sizes).astype(jnp.float32)
         key = _device_key(key, axis_name)
-        first = jax.tree.map(lambda x: x[0], microbatches)
-        shapes = jax.eval_shape(grad_fn, params, first, *args, **kwargs)
+        dtypes: list[Any] = []  # the dtypes of one micro-batch's result, seen while tracing
 
         def weighted(j, mb, b):
             out = mean_fn(jax.random.fold_in(key, j), params, opt_state, (mb, *args), kwargs)
-            return jax.tree.map(lambda x: b.astype(x.dtype) * x, out)
+            dtypes[:] = [jax.tree.map(lambda x: x.dtype, out)]
+            return jax.tree.map(lambda x: b.astype(_accum_dtype(x)) * x.astype(_accum_dtype(x)),
+                                out)
 
         inputs = (jnp.arange(num_micro, dtype=jnp.uint32), microbatches, sizes)
         if micro_mode == "vmap":
@@ -287,6 +286,8 @@ def accumulated_value_and_grad(
             lambda t: t / weight.astype(t.dtype), (value, grads, hess)
         )
         value = (value, aux) if has_aux else value
-        return (*_cast_like((value, grads), shapes), hess)
+        value_dtypes, grads_dtypes, _ = dtypes[0]
+        cast = lambda tree, dts: jax.tree.map(lambda x, dt: x.astype(dt), tree, dts)
+        return cast(value, value_dtypes), cast(grads, grads_dtypes), hess
 
     return wrapped

@@ -82,14 +82,27 @@ def _cos_pi(x: jax.Array) -> jax.Array:
         -1 / 3628800 + a2 * (1 / 479001600))))))
 
 
-def _key_words(keys: jax.Array) -> jax.Array:
-    """(n, 2) uint32 words from n keys (typed or raw), folding in any extra words."""
-    data = jax.random.key_data(keys) if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key) else keys
-    data = data.reshape(data.shape[0], -1).astype(jnp.uint32)
-    words = data[:, :2]
-    for i in range(2, data.shape[1]):
-        words = words.at[:, i % 2].set(_fmix32(words[:, i % 2] ^ data[:, i]))
-    return words
+def _key_words(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Two uint32 words from a key (typed or raw), folding in any extra words."""
+    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    data = data.reshape(-1).astype(jnp.uint32)
+    k0, k1 = data[0], data[1]
+    for i in range(2, data.shape[0]):
+        if i % 2:
+            k1 = _fmix32(k1 ^ data[i])
+        else:
+            k0 = _fmix32(k0 ^ data[i])
+    return k0, k1
+
+
+def _leaf_constant(i: int) -> int:
+    """A well-mixed 32-bit constant for leaf ``i`` (murmur3 finaliser, in Python)."""
+    x = (i + 1) * 0x9E3779B9 & 0xFFFFFFFF
+    x ^= x >> 16
+    x = x * 0x85EBCA6B & 0xFFFFFFFF
+    x ^= x >> 13
+    x = x * 0xC2B2AE35 & 0xFFFFFFFF
+    return x ^ (x >> 16)
 
 
 def _flat_index(shape: tuple[int, ...]) -> jax.Array:
@@ -103,18 +116,22 @@ def _flat_index(shape: tuple[int, ...]) -> jax.Array:
     return index
 
 
-def fast_normal(words: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
-    """Standard normals of ``shape`` from the two uint32 key ``words``."""
-    k0, k1 = words[0], words[1]
-    counter = _flat_index(tuple(shape)) * jnp.uint32(2)
+def _normal_from_counter(counter: jax.Array, k0: jax.Array, k1: jax.Array) -> jax.Array:
+    """One float32 standard normal per uint32 counter (see the module docstring)."""
+    counter = counter * jnp.uint32(2)
     h1 = _hash(counter, k0, k1)
     h2 = _hash(counter + jnp.uint32(1), k0, k1)
     # u₁ in (0, 1] from 24 bits: log stays finite; r = sqrt(-2 log u₁) ≤ 5.77.
     u1 = ((h1 >> 8).astype(jnp.float32) + jnp.float32(1.0)) * jnp.float32(2.0**-24)
     r = jnp.sqrt(jnp.float32(-2.0) * jnp.log(u1))
     c = _cos_pi(_unit_float(h2) - jnp.float32(0.5))
-    z = r * jnp.where((h2 & jnp.uint32(1)) == 1, c, -c)  # the sign completes the circle
-    return z.astype(dtype)
+    return r * jnp.where((h2 & jnp.uint32(1)) == 1, c, -c)  # the sign completes the circle
+
+
+# Leaves up to this many elements are drawn together in one flat vector (per dtype): one
+# generator instead of one per leaf keeps compile time flat in the number of small leaves.
+# Larger leaves are drawn in their own shape, so the draw partitions with their sharding.
+SMALL_LEAF = 1 << 16
 
 
 def standard_normal_leaves(
@@ -124,27 +141,49 @@ def standard_normal_leaves(
 ) -> list[jax.Array | None]:
     """Draws ε ~ N(0, I) for each ``(shape, dtype, sharding)`` entry (``None`` gets ``None``).
 
-    Leaf ``i`` uses ``jax.random.split(key, n)[i]`` with ``n = len(shapes_dtypes)``, so the
-    noise of a leaf depends only on the key, the number of leaves and its position: the
-    same key gives the same noise, and different leaves are independent. A non-``None``
-    sharding is passed as ``out_sharding`` so the draw happens shard by shard.
+    The noise is a deterministic function of the key and of the list of shapes: the same
+    key gives the same noise, and different leaves are independent. A non-``None`` sharding
+    (explicit mesh axes) is passed as ``out_sharding`` to ``jax.random.normal`` so the draw
+    happens shard by shard.
+
+    With ``"threefry"`` leaf ``i`` uses ``jax.random.split(key, n)[i]``. With ``"fast"``
+    leaf ``i`` hashes its element indices under the key's words mixed with a constant for
+    ``i``; leaves of at most ``SMALL_LEAF`` elements share one flat draw per dtype, leaf
+    ``i`` taking the counters from its offset there.
     """
     check_generator(generator)
     n = len(shapes_dtypes)
     if n == 0:
         return []
-    keys = jax.random.split(key, n)
-    words = _key_words(keys) if generator == "fast" else None
-    out: list[jax.Array | None] = []
+    out: list[jax.Array | None] = [None] * n
+    if generator == "threefry":
+        keys = jax.random.split(key, n)
+        for i, spec in enumerate(shapes_dtypes):
+            if spec is not None:
+                shape, dtype, sharding = spec
+                out[i] = jax.random.normal(keys[i], shape, dtype, out_sharding=sharding)
+        return out
+    k0, k1 = _key_words(key)
+    small: dict[Any, list[int]] = {}
     for i, spec in enumerate(shapes_dtypes):
         if spec is None:
-            out.append(None)
             continue
         shape, dtype, sharding = spec
+        size = int(np.prod(shape, dtype=np.int64))
         if sharding is not None:
-            out.append(jax.random.normal(keys[i], shape, dtype, out_sharding=sharding))
-        elif generator == "fast":
-            out.append(fast_normal(words[i], shape, dtype))
+            leaf_key = jax.random.fold_in(key, i)
+            out[i] = jax.random.normal(leaf_key, shape, dtype, out_sharding=sharding)
+        elif size <= SMALL_LEAF:
+            small.setdefault(jnp.dtype(dtype), []).append(i)
         else:
-            out.append(jax.random.normal(keys[i], shape, dtype))
+            k0_i = k0 ^ jnp.uint32(_leaf_constant(i))
+            out[i] = _normal_from_counter(_flat_index(tuple(shape)), k0_i, k1).astype(dtype)
+    for group, (dtype, members) in enumerate(small.items()):
+        sizes = [int(np.prod(shapes_dtypes[i][0], dtype=np.int64)) for i in members]
+        k0_g = k0 ^ jnp.uint32(_leaf_constant(n + group))
+        flat = _normal_from_counter(jax.lax.iota(jnp.uint32, sum(sizes)), k0_g, k1)
+        offset = 0
+        for i, size in zip(members, sizes, strict=True):
+            out[i] = flat[offset : offset + size].reshape(shapes_dtypes[i][0]).astype(dtype)
+            offset += size
     return out

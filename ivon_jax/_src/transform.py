@@ -170,20 +170,28 @@ def scale_by_ivon(
 
         count = numerics.safe_increment(state.count)
 
+        scalars: dict[Any, tuple[jax.Array, ...]] = {}
+
+        def constants(dt: Any) -> tuple[jax.Array, ...]:
+            # Scalar coefficients, computed once per statistics dtype rather than per leaf.
+            if dt not in scalars:
+                b1_, b2_ = jnp.asarray(b1, dt), jnp.asarray(b2, dt)
+                correction = 1 - b1_ ** count.astype(dt) if debias else jnp.ones([], dt)
+                scalars[dt] = (
+                    b1_, 1 - b1_, b2_, 1 - b2_, 0.5 * (1 - b2_) ** 2,
+                    jnp.asarray(weight_decay, dt), correction,
+                )
+            return scalars[dt]
+
         def leaf_update(
             g_hat: jax.Array, h_hat: jax.Array, p: jax.Array, g: jax.Array, h: jax.Array
         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+            b1_, one_b1, b2_, one_b2, half_sq, wd, correction = constants(h.dtype)
             dt = h.dtype
-            b1_, b2_ = jnp.asarray(b1, dt), jnp.asarray(b2, dt)
-            wd = jnp.asarray(weight_decay, dt)
             g_hat, h_hat, m = g_hat.astype(dt), h_hat.astype(dt), p.astype(dt)
-            g_new = b1_ * g + (1 - b1_) * g_hat
-            h_new = (
-                b2_ * h
-                + (1 - b2_) * h_hat
-                + (0.5 * (1 - b2_) ** 2) * jnp.square(h - h_hat) / (h + wd)
-            )
-            g_bar = g_new / (1 - b1_ ** count.astype(dt)) if debias else g_new
+            g_new = b1_ * g + one_b1 * g_hat
+            h_new = b2_ * h + one_b2 * h_hat + half_sq * jnp.square(h - h_hat) / (h + wd)
+            g_bar = g_new / correction if debias else g_new
             u = (g_bar + wd * m) / (h_new + wd)
             return u.astype(p.dtype), g_new, h_new
 
