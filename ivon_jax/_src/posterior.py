@@ -191,7 +191,8 @@ def sample_params(
             sampled.append(x)
             perturbation.append(jnp.zeros_like(x))
             continue
-        dt = jnp.result_type(x)
+        x = jnp.asarray(x)
+        dt = x.dtype
         s = (x.astype(e.dtype) + e / jnp.sqrt(m.precision())).astype(dt)
         sampled.append(s)
         # The perturbation actually applied (after rounding θ to the parameter dtype), so that

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 from typing import NamedTuple
 
@@ -37,7 +38,7 @@ def stats_dtype(dtype: Any) -> jnp.dtype:
     With b2 = 0.99999 an increment of h is 1e-5 of its value, below bfloat16's resolution
     (2^-8), so a bfloat16 h would never move.
     """
-    dtype = jnp.dtype(dtype)
+    dtype = jnp.dtype(jax.dtypes.canonicalize_dtype(dtype))  # float64 → float32 without x64
     if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits >= 32:
         return dtype
     return jnp.dtype(jnp.float32)
@@ -60,15 +61,19 @@ def _check_float_leaves(params: Any) -> None:
 
 
 def _check_common(ess: Any, hess_init: Any, b1: Any, b2: Any, weight_decay: Any) -> None:
-    checks.check_hyperparam("ess", ess, lambda x: x > 0, "> 0 (usually the training-set size)")
-    checks.check_hyperparam("hess_init", hess_init, lambda x: x > 0, "> 0")
+    checks.check_hyperparam(
+        "ess", ess, lambda x: 0 < x < math.inf, "> 0 and finite (usually the training-set size)"
+    )
+    checks.check_hyperparam("hess_init", hess_init, lambda x: 0 < x < math.inf, "> 0 and finite")
     rounded_hint = (
         "in [0, 1) (under `optax.inject_hyperparams` with bfloat16 parameters, pass "
         "`hyperparam_dtype=jnp.float32`: in bfloat16 a decay such as 0.99999 rounds to 1)"
     )
     checks.check_hyperparam("b1", b1, lambda x: 0 <= x < 1, rounded_hint)
     checks.check_hyperparam("b2", b2, lambda x: 0 <= x < 1, rounded_hint)
-    checks.check_hyperparam("weight_decay", weight_decay, lambda x: x >= 0, ">= 0")
+    checks.check_hyperparam(
+        "weight_decay", weight_decay, lambda x: 0 <= x < math.inf, ">= 0 and finite"
+    )
 
 
 def scale_by_ivon(
@@ -124,10 +129,10 @@ def scale_by_ivon(
 
         # *_like keeps each parameter's sharding: the state is sharded like the parameters.
         def zeros(p: jax.Array) -> jax.Array:
-            return jnp.zeros_like(p, dtype=stats_dtype(p.dtype))
+            return jnp.zeros_like(p, dtype=stats_dtype(jnp.result_type(p)))
 
         def full(p: jax.Array) -> jax.Array:
-            return jnp.full_like(p, hess_init, dtype=stats_dtype(p.dtype))
+            return jnp.full_like(p, hess_init, dtype=stats_dtype(jnp.result_type(p)))
 
         return IVONState(
             count=jnp.zeros([], jnp.int32),
@@ -177,20 +182,25 @@ def scale_by_ivon(
             if dt not in scalars:
                 b1_, b2_ = jnp.asarray(b1, dt), jnp.asarray(b2, dt)
                 correction = 1 - b1_ ** count.astype(dt) if debias else jnp.ones([], dt)
+                wd = jnp.asarray(weight_decay, dt)
+                floor = jnp.maximum(jnp.finfo(dt).tiny, 4 * jnp.finfo(dt).eps * wd)
                 scalars[dt] = (
-                    b1_, 1 - b1_, b2_, 1 - b2_, 0.5 * (1 - b2_) ** 2,
-                    jnp.asarray(weight_decay, dt), correction,
+                    b1_, 1 - b1_, b2_, 1 - b2_, 0.5 * (1 - b2_) ** 2, wd, floor, correction,
                 )
             return scalars[dt]
 
         def leaf_update(
             g_hat: jax.Array, h_hat: jax.Array, p: jax.Array, g: jax.Array, h: jax.Array
         ) -> tuple[jax.Array, jax.Array, jax.Array]:
-            b1_, one_b1, b2_, one_b2, half_sq, wd, correction = constants(h.dtype)
+            b1_, one_b1, b2_, one_b2, half_sq, wd, floor, correction = constants(h.dtype)
             dt = h.dtype
+            p = jnp.asarray(p)
             g_hat, h_hat, m = g_hat.astype(dt), h_hat.astype(dt), p.astype(dt)
             g_new = b1_ * g + one_b1 * g_hat
             h_new = b2_ * h + one_b2 * h_hat + half_sq * jnp.square(h - h_hat) / (h + wd)
+            # In exact arithmetic h + δ only shrinks by half per step; in floating point it
+            # can underflow or cancel to 0 (then 0/0). Keep it at a floor; NaN still passes.
+            h_new = jnp.maximum(h_new, floor - wd)
             g_bar = g_new / correction if debias else g_new
             u = (g_bar + wd * m) / (h_new + wd)
             return u.astype(p.dtype), g_new, h_new
@@ -281,7 +291,9 @@ def ivon(
       Shen et al., "Variational Learning is Effective for Large Deep Networks", ICML 2024.
     """
     if not callable(learning_rate):
-        checks.check_hyperparam("learning_rate", learning_rate, lambda x: x >= 0, ">= 0")
+        checks.check_hyperparam(
+            "learning_rate", learning_rate, lambda x: 0 <= x < math.inf, ">= 0 and finite"
+        )
     if clip_radius is not None:
         checks.check_hyperparam("clip_radius", clip_radius, lambda x: x > 0, "> 0 or None")
     _check_common(ess, hess_init, b1, b2, weight_decay)

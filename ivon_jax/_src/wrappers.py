@@ -18,6 +18,13 @@ class SkipNonFiniteState(NamedTuple):
     skipped: jax.Array  # shape=(), int32: number of steps skipped so far
 
 
+def _is_ivon_state(x: Any) -> bool:
+    # Imported here: transform.py imports this module to build ivon(..., skip_nonfinite).
+    from ivon_jax._src.transform import IVONState
+
+    return isinstance(x, IVONState)
+
+
 def _all_finite(tree: Any) -> jax.Array:
     flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
     return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
@@ -66,6 +73,15 @@ def skip_nonfinite(
         if extra_args.get("hess") is not None:
             finite = jnp.logical_and(finite, _all_finite(extra_args["hess"]))
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+        # Finite inputs can still overflow the statistics (gradients of 1e30 give a finite
+        # ĥ whose square does not fit): check the results too. Only IVON's g and h and the
+        # updates are checked, since other transforms may legitimately hold infinities.
+        ivon_stats = [
+            (st.momentum, st.hess)
+            for st in jax.tree.leaves(new_inner, is_leaf=_is_ivon_state)
+            if _is_ivon_state(st)
+        ]
+        finite = jnp.logical_and(finite, _all_finite((new_updates, ivon_stats)))
         keep = lambda new, old: jnp.where(finite, new, old)
         new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
         new_inner = jax.tree.map(keep, new_inner, state.inner_state)
