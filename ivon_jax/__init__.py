@@ -4,7 +4,9 @@ IVON trains networks at Adam's cost while learning a diagonal Gaussian posterior
 weights (Shen et al., "Variational Learning is Effective for Large Deep Networks", ICML 2024).
 """
 
+from ivon_jax import merging
 from ivon_jax import metrics
+from ivon_jax import sensitivity
 from ivon_jax._src.estimators import estimate_hessian
 from ivon_jax._src.grad import accumulated_value_and_grad
 from ivon_jax._src.grad import value_and_grad
@@ -28,10 +30,12 @@ __all__ = [
     "estimate_hessian",
     "find_ivon_states",
     "ivon",
+    "merging",
     "metrics",
     "posterior_std",
     "sample_params",
     "scale_by_ivon",
+    "sensitivity",
     "skip_nonfinite",
     "value_and_grad",
 ]
