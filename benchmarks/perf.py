@@ -1,0 +1,411 @@
+"""IVON's cost against optax's AdamW (and SGD with momentum), measured in one run.
+
+    python benchmarks/perf.py            # the full suite (a few minutes on 2 CPU cores)
+    python benchmarks/perf.py --smoke    # a tiny version (CI runs it through the tests)
+
+Everything is jitted, with parameters and optimizer state donated; times are medians of
+repeated calls after warm-up, with ``block_until_ready``. Ratios are IVON / AdamW from the same
+run (the machines are shared and noisy, so absolute times matter less than ratios).
+
+Sections:
+  1. Whole train step (forward, backward, optimizer; one MC sample): MLP 784-500-300-10
+     (0.55M, batch 128), MLP of 10M, a small CNN, a GPT of ~3M (seq 128, batch 16).
+  2. Optimizer alone: sample + estimate + update vs AdamW's update, at 1M, 10M and 50M
+     parameters as a few large leaves and as many small ones.
+  3. Memory: optimizer-state bytes, and peak memory of the compiled train step
+     (``compiled.memory_analysis()``) for S = 1, S = 8 vectorised and S = 8 sequential.
+  4. First-step compile time, including a model with 1,000 leaves.
+  5. The noise generators alone.
+
+Writes ``benchmarks/results/perf.md`` (Markdown tables) and ``benchmarks/results/perf.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import ivon_jax
+
+RESULTS = pathlib.Path(__file__).with_name("results")
+
+
+# ----------------------------------------------------------------------------- timing
+def median_time(fn: Callable[[], Any], reps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- models
+def mlp(sizes: tuple[int, ...], key: jax.Array):
+    keys = jax.random.split(key, len(sizes) - 1)
+    params = [
+        {"w": jax.random.normal(k, (a, b)) / np.sqrt(a), "b": jnp.zeros(b)}
+        for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)
+    ]
+
+    def apply(p, x):
+        for layer in p[:-1]:
+            x = jax.nn.relu(x @ layer["w"] + layer["b"][None, :])
+        return x @ p[-1]["w"] + p[-1]["b"][None, :]
+
+    return params, apply
+
+
+def cnn(key: jax.Array):
+    k1, k2, k3 = jax.random.split(key, 3)
+    params = {
+        "c1": jax.random.normal(k1, (3, 3, 1, 32)) * 0.3,
+        "c2": jax.random.normal(k2, (3, 3, 32, 64)) * 0.06,
+        "d": jax.random.normal(k3, (7 * 7 * 64, 10)) * 0.02,
+    }
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def pool(x):
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
+                                     "VALID")
+
+    def apply(p, x):
+        x = pool(jax.nn.relu(conv(x, p["c1"])))
+        x = pool(jax.nn.relu(conv(x, p["c2"])))
+        return x.reshape(x.shape[0], -1) @ p["d"]
+
+    return params, apply
+
+
+def gpt(key: jax.Array, layers=4, width=256, heads=4, seq=128, vocab=256):
+    keys = iter(jax.random.split(key, 4 * layers + 2))
+    norm = lambda shape, s=0.02: jax.random.normal(next(keys), shape) * s
+    params = {
+        "tok": norm((vocab, width)),
+        "pos": norm((seq, width)),
+        "blocks": [
+            {"qkv": norm((width, 3 * width)), "o": norm((width, width)),
+             "fc": norm((width, 4 * width)), "proj": norm((4 * width, width))}
+            for _ in range(layers)
+        ],
+    }
+    mask = jnp.tril(jnp.ones((seq, seq), bool))
+
+    def ln(x):
+        mu = x.mean(-1, keepdims=True)
+        return (x - mu) * jax.lax.rsqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-5)
+
+    def apply(p, tokens):
+        b, t = tokens.shape
+        x = p["tok"][tokens] + p["pos"][None, :t]
+        for blk in p["blocks"]:
+            q, k, v = jnp.split(ln(x) @ blk["qkv"], 3, axis=-1)
+            split = lambda a: a.reshape(b, t, heads, -1).transpose(0, 2, 1, 3)
+            q, k, v = split(q), split(k), split(v)
+            att = (q @ k.transpose(0, 1, 3, 2)) / np.sqrt(q.shape[-1])
+            att = jax.nn.softmax(jnp.where(mask[None, None, :t, :t], att, -1e9), axis=-1)
+            y = (att @ v).transpose(0, 2, 1, 3).reshape(b, t, width)
+            x = x + y @ blk["o"]
+            x = x + jax.nn.gelu(ln(x) @ blk["fc"]) @ blk["proj"]
+        return ln(x) @ p["tok"].T
+
+    return params, apply
+
+
+def n_params(tree) -> int:
+    return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def tree_bytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+# ----------------------------------------------------------------------------- steps
+def make_steps(apply, n_train: int, samples: int = 1, mode: str = "vmap"):
+    def loss_fn(p, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(apply(p, x), y).mean()
+
+    adamw = optax.adamw(1e-3, weight_decay=1e-4)
+    sgd = optax.sgd(1e-2, momentum=0.9)
+    ivon = ivon_jax.ivon(0.1, ess=float(n_train))
+    vg = ivon_jax.value_and_grad(loss_fn, num_samples=samples, mode=mode)
+
+    def baseline(tx):
+        def step(params, state, key, x, y):
+            del key
+            loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state, loss
+        return step
+
+    def ivon_step(params, state, key, x, y):
+        loss, grads, hess = vg(key, params, state, x, y)
+        updates, state = ivon.update(grads, state, params, hess=hess)
+        return optax.apply_updates(params, updates), state, loss
+
+    return {"AdamW": (adamw, baseline(adamw)), "SGD": (sgd, baseline(sgd)),
+            "IVON": (ivon, ivon_step)}
+
+
+def time_train_steps(name, params, apply, x, y, reps, out):
+    steps = make_steps(apply, n_train=50_000)
+    row = {"model": name, "params": n_params(params)}
+    for opt_name, (tx, step) in steps.items():
+        jitted = jax.jit(step, donate_argnums=(0, 1))
+        p = jax.tree.map(jnp.copy, params)
+        s = tx.init(p)
+        key = jax.random.key(0)
+        state = {"p": p, "s": s}
+
+        def call(jitted=jitted, state=state, key=key):
+            state["p"], state["s"], loss = jitted(state["p"], state["s"], key, x, y)
+            return loss
+
+        row[opt_name] = median_time(call, reps)
+    row["IVON/AdamW"] = row["IVON"] / row["AdamW"]
+    out.append(row)
+    print(f"  {name:10s} {row['params'] / 1e6:6.2f}M  AdamW {1e3 * row['AdamW']:8.2f} ms  "
+          f"SGD {1e3 * row['SGD']:8.2f} ms  IVON {1e3 * row['IVON']:8.2f} ms  "
+          f"ratio {row['IVON/AdamW']:.3f}", flush=True)
+
+
+def time_optimizer_alone(total: int, leaves: int, reps: int, out):
+    size = total // leaves
+    params = {f"p{i:04d}": jnp.full((size,), 0.1, jnp.float32) for i in range(leaves)}
+    grads = jax.tree.map(lambda p: p * 0.01, params)
+    adamw = optax.adamw(1e-3, weight_decay=1e-4)
+    ivon = ivon_jax.ivon(0.1, ess=1e4)
+
+    def adam_step(params, state, key, grads):
+        del key
+        updates, state = adamw.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, params
+
+    def ivon_step(params, state, key, grads):
+        sampled, noise = ivon_jax.sample_params(key, params, state)
+        hess = ivon_jax.estimate_hessian(grads, noise, state)
+        updates, state = ivon.update(grads, state, params, hess=hess)
+        return optax.apply_updates(params, updates), state, sampled  # θ feeds the forward
+
+    row = {"params": total, "leaves": leaves}
+    for name, tx, step in (("AdamW", adamw, adam_step), ("IVON", ivon, ivon_step)):
+        jitted = jax.jit(step, donate_argnums=(0, 1))
+        state = {"p": jax.tree.map(jnp.copy, params)}
+        state["s"] = tx.init(state["p"])
+        key = jax.random.key(1)
+
+        def call(jitted=jitted, state=state, key=key):
+            state["p"], state["s"], extra = jitted(state["p"], state["s"], key, grads)
+            return extra
+
+        row[name] = median_time(call, reps)
+    row["IVON/AdamW"] = row["IVON"] / row["AdamW"]
+    out.append(row)
+    print(f"  {total / 1e6:5.0f}M in {leaves:5d} leaves  AdamW {1e3 * row['AdamW']:8.2f} ms  "
+          f"IVON {1e3 * row['IVON']:8.2f} ms  ratio {row['IVON/AdamW']:.3f}", flush=True)
+
+
+def memory_rows(params, apply, x, y, out):
+    """Peak memory of one compiled train step with parameters and state donated (as a real
+    loop runs it): arguments + outputs - aliased + XLA temporaries."""
+    param_bytes = tree_bytes(params)
+    configs = [("AdamW", 1, "vmap"), ("IVON S=1", 1, "vmap"), ("IVON S=8 vmap", 8, "vmap"),
+               ("IVON S=8 scan", 8, "scan")]
+    for label, samples, mode in configs:
+        steps = make_steps(apply, 50_000, samples, mode)
+        tx, step = steps["AdamW" if label == "AdamW" else "IVON"]
+        state = tx.init(params)
+        m = (jax.jit(step, donate_argnums=(0, 1))
+             .lower(params, state, jax.random.key(0), x, y).compile().memory_analysis())
+        total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                 + m.temp_size_in_bytes)
+        out.append({"config": label, "peak_bytes": total, "temp_bytes": m.temp_size_in_bytes,
+                    "state_bytes": tree_bytes(state), "param_bytes": param_bytes})
+        temp = m.temp_size_in_bytes / 2**20
+        print(f"  {label:14s} step peak {total / 2**20:8.2f} MiB (temp {temp:.2f})"
+              f"  optimizer state {tree_bytes(state):,} B  (params {param_bytes / 2**20:.2f} MiB)",
+              flush=True)
+
+
+def compile_rows(out, leaves: int, sizes: tuple[int, ...]):
+    cases = {"MLP": mlp(sizes, jax.random.key(0))}
+    many = {f"w{i:04d}": jnp.full((16, 16), 0.01, jnp.float32) for i in range(leaves)}
+
+    def many_apply(p, x):
+        h = x
+        for k in sorted(p):
+            h = jnp.tanh(h @ p[k])
+        return h[:, :10]
+
+    cases[f"{leaves} leaves"] = (many, many_apply)
+    for name, (params, apply) in cases.items():
+        in_dim = 784 if name.startswith("MLP") else 16
+        x = jnp.ones((32, in_dim))
+        y = jnp.zeros((32,), jnp.int32)
+        row = {"model": name}
+        for opt_name, (tx, step) in make_steps(apply, 50_000).items():
+            if opt_name == "SGD":
+                continue
+            state = tx.init(params)
+            start = time.perf_counter()
+            jax.jit(step).lower(params, state, jax.random.key(0), x, y).compile()
+            row[opt_name] = time.perf_counter() - start
+        row["IVON/AdamW"] = row["IVON"] / row["AdamW"]
+        out.append(row)
+        print(f"  {name:12s} compile AdamW {row['AdamW']:6.2f} s  IVON {row['IVON']:6.2f} s  "
+              f"ratio {row['IVON/AdamW']:.3f}", flush=True)
+
+
+def noise_rows(total: int, reps: int, out):
+    key = jax.random.key(0)
+    shape = (total,)
+    state = ivon_jax.ivon(0.1, ess=1.0).init({"w": jnp.zeros(shape)})
+    for gen in ("threefry", "fast"):
+        f = jax.jit(lambda k, gen=gen: ivon_jax.sample_params(
+            k, {"w": jnp.zeros(shape)}, state, generator=gen)[1]["w"])
+        t = median_time(lambda f=f: f(key), reps)
+        out.append({"generator": gen, "numbers": total, "seconds": t})
+        print(f"  {gen:9s} {total / 1e6:.0f}M normals (sample_params) {1e3 * t:8.2f} ms",
+              flush=True)
+
+
+# ----------------------------------------------------------------------------- report
+def fmt_count(n: float) -> str:
+    return f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
+
+
+def fmt_ms(s: float) -> str:
+    return f"{1e3 * s:.2f}"
+
+
+def write_report(res: dict, args) -> str:
+    lines = [f"Machine: {platform.processor() or platform.machine()}, "
+             f"{jax.device_count()} {jax.devices()[0].platform.upper()} device(s) "
+             f"({jax.devices()[0].device_kind}); jax {jax.__version__}; "
+             f"{'smoke run' if args.smoke else 'full run'}.", ""]
+    lines += ["**Whole train step** (one MC sample; median ms)", "",
+              "| model | params | AdamW | SGD+mom | IVON | IVON/AdamW |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for r in res["train"]:
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {fmt_ms(r['AdamW'])} | "
+                     f"{fmt_ms(r['SGD'])} | {fmt_ms(r['IVON'])} | {r['IVON/AdamW']:.2f} |")
+    lines += ["", "**Optimizer alone** (IVON: sample + estimate + update; AdamW: update; "
+              "median ms)", "", "| params | leaves | AdamW | IVON | IVON/AdamW |",
+              "|---:|---:|---:|---:|---:|"]
+    for r in res["opt"]:
+        lines.append(f"| {fmt_count(r['params'])} | {r['leaves']} | {fmt_ms(r['AdamW'])} | "
+                     f"{fmt_ms(r['IVON'])} | {r['IVON/AdamW']:.2f} |")
+    lines += ["", "**Memory** (MLP train step, parameters and state donated; peak = arguments "
+              "+ outputs − aliased + temporaries of the compiled step)", "",
+              "| config | step peak (MiB) | of which temporaries | optimizer state (bytes) |",
+              "|---|---:|---:|---:|"]
+    for r in res["mem"]:
+        lines.append(f"| {r['config']} | {r['peak_bytes'] / 2**20:.2f} | "
+                     f"{r['temp_bytes'] / 2**20:.2f} | {r['state_bytes']:,} |")
+    lines.append(f"\nParameters: {res['mem'][0]['param_bytes'] / 2**20:.2f} MiB.")
+    lines += ["", "**First-step compile time** (trace + compile, s)", "",
+              "| model | AdamW | IVON | IVON/AdamW |", "|---|---:|---:|---:|"]
+    for r in res["compile"]:
+        lines.append(f"| {r['model']} | {r['AdamW']:.2f} | {r['IVON']:.2f} | "
+                     f"{r['IVON/AdamW']:.2f} |")
+    lines += ["", "**Noise alone** (`sample_params` on one leaf, median ms)", "",
+              "| generator | normals | ms |", "|---|---:|---:|"]
+    for r in res["noise"]:
+        lines.append(f"| {r['generator']} | {fmt_count(r['numbers'])} | {fmt_ms(r['seconds'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: pathlib.Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    labels = [r["model"] for r in res["train"]]
+    axes[0].bar(labels, [r["IVON/AdamW"] for r in res["train"]])
+    axes[0].axhline(1.0, color="k", lw=0.8)
+    axes[0].set_ylabel("IVON / AdamW step time")
+    axes[0].set_title("whole train step")
+    labels = [f"{r['params'] / 1e6:.0f}M/{r['leaves']}" for r in res["opt"]]
+    axes[1].bar(labels, [r["IVON/AdamW"] for r in res["opt"]])
+    axes[1].axhline(1.0, color="k", lw=0.8)
+    axes[1].set_title("optimizer alone (params/leaves)")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, few repetitions")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    args = ap.parse_args()
+    reps = args.reps or (3 if args.smoke else 30)
+    scale = 0.001 if args.smoke else 1.0
+    key = jax.random.key(0)
+    res: dict[str, list] = {"train": [], "opt": [], "mem": [], "compile": [], "noise": []}
+
+    print("Whole train step", flush=True)
+    batch = 128
+    x = jax.random.normal(key, (batch, 784))
+    y = jax.random.randint(key, (batch,), 0, 10)
+    sizes = (784, 32, 10) if args.smoke else (784, 500, 300, 10)
+    p, f = mlp(sizes, key)
+    time_train_steps("MLP tiny" if args.smoke else "MLP 0.55M", p, f, x, y, reps, res["train"])
+    if not args.smoke:
+        p, f = mlp((784, 2500, 2500, 784), key)
+        yb = jax.random.randint(key, (batch,), 0, 784)
+        time_train_steps("MLP 10M", p, f, x, yb, max(reps // 3, 5), res["train"])
+        p, f = cnn(key)
+        xi = jax.random.normal(key, (batch, 28, 28, 1))
+        time_train_steps("CNN", p, f, xi, y, reps, res["train"])
+        p, f = gpt(key)
+        tok = jax.random.randint(key, (16, 128), 0, 256)
+        time_train_steps("GPT", p, f, tok, tok, max(reps // 3, 5), res["train"])
+
+    print("Optimizer alone", flush=True)
+    totals = (10_000,) if args.smoke else (1_000_000, 10_000_000, 50_000_000)
+    for total in totals:
+        for leaves in ((4,) if args.smoke else (4, 400)):
+            time_optimizer_alone(total, leaves, max(reps // 3, 3), res["opt"])
+
+    print("Memory", flush=True)
+    p, f = mlp(sizes, key)
+    memory_rows(p, f, x, y, res["mem"])
+
+    print("Compile time", flush=True)
+    compile_rows(res["compile"], leaves=5 if args.smoke else 1000, sizes=sizes)
+
+    print("Noise generators", flush=True)
+    noise_rows(max(int(10_000_000 * scale), 1000), max(reps // 3, 3), res["noise"])
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = write_report(res, args)
+    (args.out / "perf.md").write_text(report)
+    plot(res, args.out / "perf.png")
+    print("\n" + report)
+    print(f"wrote {args.out / 'perf.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""CI runs a tiny version of the performance suite: it must run end to end and report sane
+numbers (the full suite is `python benchmarks/perf.py`; timings are never asserted)."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_perf_smoke_runs_and_reports(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "perf.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (tmp_path / "perf.md").read_text()
+    for section in ("Whole train step", "Optimizer alone", "Memory", "compile time", "Noise"):
+        assert section in report
+    ratios = [float(r) for r in re.findall(r"\| (\d+\.\d+) \|\n", report)]
+    assert ratios and all(0.05 < r < 100 for r in ratios), ratios
+    # IVON's optimizer state is AdamW's plus two scalars (λ and δ: 8 bytes in float32).
+    states = [int(s.replace(",", "")) for s in re.findall(r"\| ([\d,]+) \|\n", report)]
+    adamw_state, ivon_states = states[0], states[1:]
+    assert all(s - adamw_state == 8 for s in ivon_states), states
