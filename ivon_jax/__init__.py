@@ -6,6 +6,7 @@ weights (Shen et al., "Variational Learning is Effective for Large Deep Networks
 
 from ivon_jax import merging
 from ivon_jax import metrics
+from ivon_jax import predictive
 from ivon_jax import sensitivity
 from ivon_jax._src.estimators import estimate_hessian
 from ivon_jax._src.grad import accumulated_value_and_grad
@@ -33,6 +34,7 @@ __all__ = [
     "merging",
     "metrics",
     "posterior_std",
+    "predictive",
     "sample_params",
     "scale_by_ivon",
     "sensitivity",
