@@ -211,7 +211,9 @@ def test_sharded_parameters_stay_sharded(axis_type):
         return sampled, jax.tree.map(lambda p, u: p + u, params, updates), state
 
     with jax.set_mesh(mesh):
-        params = {"a": jnp.ones((64, 8), jnp.float32), "b": jnp.ones((4, 32), jnp.float32)}
+        # Leaves above noise.SMALL_LEAF elements: those are drawn in their own shape (smaller
+        # ones share one flat draw, which under Auto axes is not partitioned).
+        params = {"a": jnp.ones((512, 16), jnp.float32), "b": jnp.ones((16, 512), jnp.float32)}
         params = jax.device_put(params, shardings)
         # Explicit axes: a jitted init keeps the sharding (it is part of the type). Auto
         # axes: sharding propagation cannot see through zeros_like, so initialise eagerly

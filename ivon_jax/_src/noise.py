@@ -128,10 +128,12 @@ def _normal_from_counter(counter: jax.Array, k0: jax.Array, k1: jax.Array) -> ja
     return r * jnp.where((h2 & jnp.uint32(1)) == 1, c, -c)  # the sign completes the circle
 
 
-# Leaves up to this many elements are drawn together in one flat vector (per dtype): one
-# generator instead of one per leaf keeps compile time flat in the number of small leaves.
-# Larger leaves are drawn in their own shape, so the draw partitions with their sharding.
-SMALL_LEAF = 1 << 16
+# Leaves up to this many elements (biases, norm scales) are drawn together in one flat vector
+# per dtype: one generator instead of one per leaf keeps compile time down with many small
+# leaves. Such a leaf's noise is drawn whole on every device if the leaf is sharded over Auto
+# mesh axes (negligible at this size). Larger leaves are drawn in their own shape, so the
+# draw partitions with their sharding.
+SMALL_LEAF = 1 << 12
 
 
 def standard_normal_leaves(
