@@ -5,19 +5,21 @@ Two generators:
 ``"fast"`` (default)
   A counter-based generator written for IVON's perturbation. Element i of a leaf (row-major
   index) gets two 32-bit words ``H(2i)`` and ``H(2i + 1)``, where ``H`` is a keyed integer
-  hash (three rounds of the murmur3 finaliser with the leaf's 64-bit key mixed in between),
-  and returns ``r cos θ`` — one coordinate of the Box–Muller pair, exactly N(0, 1) for θ
-  uniform on the circle: ``r = sqrt(-2 log u₁)`` with u₁ from 24 bits (tails reach 5.8σ),
-  θ from 23 bits of the other word and a sign from one more bit, cos by a short polynomial
-  on [-π/2, π/2) (error < 1e-7). Everything is elementwise on an iota in the leaf's shape,
-  so it fuses into one pass and partitions with the leaf's sharding. Counter-based: the same
-  key gives the same noise, no state is carried. On CPU it is several times cheaper than
-  threefry plus the inverse error function.
+  hash (three rounds of the murmur3 finaliser with a 64-bit key mixed in between: the call's
+  key words, the first xor-ed with a constant for the leaf), and returns ``r cos θ`` — one
+  coordinate of the Box–Muller pair, exactly N(0, 1) for θ uniform on the circle: ``r =
+  sqrt(-2 log u₁)`` with u₁ from 24 bits (tails reach 5.8σ), θ from 23 bits of the other word
+  and a sign from one more bit, cos by a short polynomial on [-π/2, π/2) (error < 1e-7). For a
+  leaf above ``SMALL_LEAF`` elements everything is elementwise on an iota in the leaf's shape,
+  so it fuses into one pass and partitions with the leaf's sharding; smaller leaves share one
+  flat draw. Counter-based: the same key gives the same noise, no state is carried. On CPU it
+  is several times cheaper than threefry plus the inverse error function.
 ``"threefry"``
-  ``jax.random.normal`` with the key as given (JAX's default generator).
+  ``jax.random.normal`` with ``jax.random.split(key, n)[i]`` for leaf i (JAX's default
+  generator).
 
 Leaves sharded over *explicit* mesh axes always use ``jax.random.normal`` with
-``out_sharding`` (each device draws only its block).
+``out_sharding`` (each device draws only its block), keyed by ``fold_in(key, i)``.
 """
 
 from __future__ import annotations
