@@ -181,7 +181,7 @@ def scale_by_ivon(
             # Scalar coefficients, computed once per statistics dtype rather than per leaf.
             if dt not in scalars:
                 b1_, b2_ = jnp.asarray(b1, dt), jnp.asarray(b2, dt)
-                correction = 1 - b1_ ** count.astype(dt) if debias else jnp.ones([], dt)
+                correction = 1 - b1_ ** count.astype(dt)  # used only when debiasing
                 wd = jnp.asarray(weight_decay, dt)
                 floor = jnp.maximum(jnp.finfo(dt).tiny, 4 * jnp.finfo(dt).eps * wd)
                 scalars[dt] = (
