@@ -408,9 +408,20 @@ def predict_regression(
     return mean, _add_noise_var(var, noise_var)
 
 
-def member_keys(key: jax.Array, num_members: int) -> jax.Array:
-    """The key of each Multi-IVON member: member k uses ``jax.random.split(key, K)[k]``."""
-    return jax.random.split(key, num_members)
+def over_members(
+    key: jax.Array,
+    members: Any,
+    num_samples: Any,
+    member_fn: Callable[[jax.Array, Any, Any], Any],
+    pair: str = "(params, opt_state)",
+) -> list[Any]:
+    """``[member_fn(key_k, a_k, b_k) for each Multi-IVON member k]`` after checking
+    ``members`` (a non-empty list of ``pair``s) and ``num_samples``; member k uses
+    ``jax.random.split(key, K)[k]``."""
+    members = check_members(members, pair)
+    check_num_samples(num_samples)
+    keys = jax.random.split(key, len(members))
+    return [member_fn(keys[k], a, b) for k, (a, b) in enumerate(members)]
 
 
 def mixture_of_probs(probs: Sequence[jax.Array]) -> jax.Array:
@@ -486,21 +497,13 @@ def mixture_predict_proba(
     References:
       Shen et al., "Variational Learning is Effective for Large Deep Networks", ICML 2024.
     """
-    members = check_members(members)
-    check_num_samples(num_samples)
-    keys = member_keys(key, len(members))
-    probs = [
-        predict_proba(
-            keys[k],
-            apply_fn,
-            params,
-            opt_state,
-            *inputs,
-            num_samples=num_samples,
-            chunk_size=chunk_size,
-        )
-        for k, (params, opt_state) in enumerate(members)
-    ]
+    probs = over_members(
+        key, members, num_samples,
+        lambda k, params, opt_state: predict_proba(
+            k, apply_fn, params, opt_state, *inputs,
+            num_samples=num_samples, chunk_size=chunk_size,
+        ),
+    )
     return mixture_of_probs(probs)
 
 
@@ -537,20 +540,11 @@ def mixture_predict_regression(
     Raises:
       ValueError: if ``members`` is empty or malformed, or on bad arguments.
     """
-    members = check_members(members)
-    check_num_samples(num_samples)
-    keys = member_keys(key, len(members))
-    moments = [
-        predict_regression(
-            keys[k],
-            apply_fn,
-            params,
-            opt_state,
-            *inputs,
-            num_samples=num_samples,
-            chunk_size=chunk_size,
-            noise_var=noise_var,
-        )
-        for k, (params, opt_state) in enumerate(members)
-    ]
+    moments = over_members(
+        key, members, num_samples,
+        lambda k, params, opt_state: predict_regression(
+            k, apply_fn, params, opt_state, *inputs,
+            num_samples=num_samples, chunk_size=chunk_size, noise_var=noise_var,
+        ),
+    )
     return mixture_of_moments(moments)

@@ -298,17 +298,13 @@ def mixture_predict_proba(
     Raises:
       ValueError: if ``members`` is empty (K = 0) or not a list of pairs.
     """
-    members = predictive.check_members(members, _PAIR)
-    predictive.check_num_samples(num_samples)
-    keys = predictive.member_keys(key, len(members))
-    return predictive.mixture_of_probs(
-        [
-            predict_proba(
-                keys[k], apply_fn, v, s, *inputs, num_samples=num_samples, chunk_size=chunk_size
-            )
-            for k, (v, s) in enumerate(members)
-        ]
-    )
+    return predictive.mixture_of_probs(predictive.over_members(
+        key, members, num_samples,
+        lambda k, v, s: predict_proba(
+            k, apply_fn, v, s, *inputs, num_samples=num_samples, chunk_size=chunk_size
+        ),
+        _PAIR,
+    ))
 
 
 def mixture_predict_regression(
@@ -341,21 +337,11 @@ def mixture_predict_regression(
     Raises:
       ValueError: if ``members`` is empty (K = 0) or not a list of pairs.
     """
-    members = predictive.check_members(members, _PAIR)
-    predictive.check_num_samples(num_samples)
-    keys = predictive.member_keys(key, len(members))
-    return predictive.mixture_of_moments(
-        [
-            predict_regression(
-                keys[k],
-                apply_fn,
-                v,
-                s,
-                *inputs,
-                num_samples=num_samples,
-                chunk_size=chunk_size,
-                noise_var=noise_var,
-            )
-            for k, (v, s) in enumerate(members)
-        ]
-    )
+    return predictive.mixture_of_moments(predictive.over_members(
+        key, members, num_samples,
+        lambda k, v, s: predict_regression(
+            k, apply_fn, v, s, *inputs,
+            num_samples=num_samples, chunk_size=chunk_size, noise_var=noise_var,
+        ),
+        _PAIR,
+    ))

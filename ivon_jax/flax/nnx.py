@@ -365,17 +365,13 @@ def mixture_predict_proba(
     Raises:
       ValueError: if ``members`` is empty (K = 0) or not a list of pairs.
     """
-    members = predictive.check_members(members, _PAIR)
-    predictive.check_num_samples(num_samples)
-    keys = predictive.member_keys(key, len(members))
-    return predictive.mixture_of_probs(
-        [
-            predict_proba(
-                keys[k], m, o, *inputs, num_samples=num_samples, chunk_size=chunk_size, wrt=wrt
-            )
-            for k, (m, o) in enumerate(members)
-        ]
-    )
+    return predictive.mixture_of_probs(predictive.over_members(
+        key, members, num_samples,
+        lambda k, m, o: predict_proba(
+            k, m, o, *inputs, num_samples=num_samples, chunk_size=chunk_size, wrt=wrt
+        ),
+        _PAIR,
+    ))
 
 
 def mixture_predict_regression(
@@ -411,21 +407,11 @@ def mixture_predict_regression(
     Raises:
       ValueError: if ``members`` is empty (K = 0) or not a list of pairs.
     """
-    members = predictive.check_members(members, _PAIR)
-    predictive.check_num_samples(num_samples)
-    keys = predictive.member_keys(key, len(members))
-    return predictive.mixture_of_moments(
-        [
-            predict_regression(
-                keys[k],
-                m,
-                o,
-                *inputs,
-                num_samples=num_samples,
-                chunk_size=chunk_size,
-                noise_var=noise_var,
-                wrt=wrt,
-            )
-            for k, (m, o) in enumerate(members)
-        ]
-    )
+    return predictive.mixture_of_moments(predictive.over_members(
+        key, members, num_samples,
+        lambda k, m, o: predict_regression(
+            k, m, o, *inputs,
+            num_samples=num_samples, chunk_size=chunk_size, noise_var=noise_var, wrt=wrt,
+        ),
+        _PAIR,
+    ))
