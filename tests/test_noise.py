@@ -36,10 +36,13 @@ def _gaussian_checks(z):
         p = 2 * stats.norm.sf(t)
         frac = np.mean(np.abs(z) > t)
         assert abs(frac - p) < 5 * np.sqrt(p * (1 - p) / n), (t, frac, p)
-    # Serial independence: lag-1 and lag-2 correlations.
-    for lag in (1, 2):
+    # Serial independence: correlations of z and of z² (a dependence in magnitudes, as a weak
+    # hash feeding Box–Muller's radius would leave) at short and long lags.
+    for lag in (1, 2, 3, 1024):
         r = np.corrcoef(z[:-lag], z[lag:])[0, 1]
         assert abs(r) < 5 / np.sqrt(n), (lag, r)
+        r2 = np.corrcoef(z[:-lag] ** 2, z[lag:] ** 2)[0, 1]
+        assert abs(r2) < 5 / np.sqrt(n), (lag, r2)
 
 
 @pytest.mark.parametrize("generator", ["fast", "threefry"])
@@ -89,6 +92,38 @@ def test_no_correlation_across_leaves_steps_samples_and_devices():
     # Adjacent elements of one leaf, seen as pairs: (z_{2i}, z_{2i+1}) uncorrelated.
     z = np.asarray(leaves["w0"])
     assert abs(np.corrcoef(z[0::2], z[1::2])[0, 1]) < 5 / np.sqrt(n / 2)
+
+
+def _raw_draw(words, n=200_000):
+    return _draw(jnp.asarray(words, jnp.uint32), (n,))
+
+
+def test_keys_one_bit_apart_give_independent_noise():
+    """Raw keys whose words differ in one bit (e.g. ``PRNGKey(s)`` for consecutive seeds), or
+    whose first word is shifted by half the draw length (the counter offsets of a leaf in
+    another call), still give uncorrelated z and z², aligned and half a draw apart."""
+    n = 200_000
+    tol = 5 / np.sqrt(n / 2)
+    base = (12345, 0xDEADBEEF)
+    others = [(12345, 0xDEADBEEE), (12344, 0xDEADBEEF), (12345 + n // 2, 0xDEADBEEE), (0, 1)]
+    pairs = [(base, o) for o in others] + [((0, 0), (0, 1)), ((0, 1), (0, 2))]
+    for a, b in pairs:
+        za, zb = _raw_draw(a, n), _raw_draw(b, n)
+        for x, y in ((za, zb), (za[n // 2 :], zb[: n // 2])):
+            assert abs(np.corrcoef(x, y)[0, 1]) < tol, (a, b)
+            assert abs(np.corrcoef(x**2, y**2)[0, 1]) < tol, (a, b)
+
+
+def test_many_small_leaves_share_one_draw_and_stay_independent():
+    """Leaves up to SMALL_LEAF elements come from one flat draw (materialised by a division):
+    each looks standard normal, and neighbours in the flat draw are uncorrelated."""
+    sizes = [noise.SMALL_LEAF] * 250 + [7, 1, 300]
+    specs = [((s,), jnp.float32, None) for s in sizes]
+    z = noise.standard_normal_leaves(jax.random.key(6), specs)
+    flat = np.concatenate([np.asarray(x, np.float64) for x in z])
+    _gaussian_checks(flat)
+    first = np.stack([np.asarray(x, np.float64) for x in z[:250]])
+    assert _max_abs_corr(list(first[:8])) < 5 / np.sqrt(noise.SMALL_LEAF)
 
 
 def test_same_key_same_noise_and_generators_differ():
