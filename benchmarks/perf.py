@@ -41,6 +41,23 @@ RESULTS = pathlib.Path(__file__).with_name("results")
 
 
 # ----------------------------------------------------------------------------- timing
+def interleaved_medians(
+    fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 3
+) -> dict[str, float]:
+    """Median time of each function, calling them in turn (A, B, C, A, B, C, ...) so that a
+    slow spell of the shared machine hits all of them alike rather than one."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            jax.block_until_ready(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def median_time(fn: Callable[[], Any], reps: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         jax.block_until_ready(fn())
@@ -165,6 +182,7 @@ def make_steps(apply, n_train: int, samples: int = 1, mode: str = "vmap"):
 def time_train_steps(name, params, apply, x, y, reps, out):
     steps = make_steps(apply, n_train=50_000)
     row = {"model": name, "params": n_params(params)}
+    calls = {}
     for opt_name, (tx, step) in steps.items():
         jitted = jax.jit(step, donate_argnums=(0, 1))
         p = jax.tree.map(jnp.copy, params)
@@ -176,7 +194,8 @@ def time_train_steps(name, params, apply, x, y, reps, out):
             state["p"], state["s"], loss = jitted(state["p"], state["s"], key, x, y)
             return loss
 
-        row[opt_name] = median_time(call, reps)
+        calls[opt_name] = call
+    row.update(interleaved_medians(calls, reps))
     row["IVON/AdamW"] = row["IVON"] / row["AdamW"]
     out.append(row)
     print(f"  {name:10s} {row['params'] / 1e6:6.2f}M  AdamW {1e3 * row['AdamW']:8.2f} ms  "
@@ -203,6 +222,7 @@ def time_optimizer_alone(total: int, leaves: int, reps: int, out):
         return optax.apply_updates(params, updates), state, sampled  # θ feeds the forward
 
     row = {"params": total, "leaves": leaves}
+    calls = {}
     for name, tx, step in (("AdamW", adamw, adam_step), ("IVON", ivon, ivon_step)):
         jitted = jax.jit(step, donate_argnums=(0, 1))
         state = {"p": jax.tree.map(jnp.copy, params)}
@@ -213,7 +233,8 @@ def time_optimizer_alone(total: int, leaves: int, reps: int, out):
             state["p"], state["s"], extra = jitted(state["p"], state["s"], key, grads)
             return extra
 
-        row[name] = median_time(call, reps)
+        calls[name] = call
+    row.update(interleaved_medians(calls, reps))
     row["IVON/AdamW"] = row["IVON"] / row["AdamW"]
     out.append(row)
     print(f"  {total / 1e6:5.0f}M in {leaves:5d} leaves  AdamW {1e3 * row['AdamW']:8.2f} ms  "
