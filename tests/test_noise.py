@@ -115,7 +115,7 @@ def test_keys_one_bit_apart_give_independent_noise():
 
 
 def test_many_small_leaves_share_one_draw_and_stay_independent():
-    """Leaves up to SMALL_LEAF elements come from one flat draw (materialised by a division):
+    """Leaves up to SMALL_LEAF elements come from one flat draw, sliced per leaf:
     each looks standard normal, and neighbours in the flat draw are uncorrelated."""
     sizes = [noise.SMALL_LEAF] * 250 + [7, 1, 300]
     specs = [((s,), jnp.float32, None) for s in sizes]

@@ -77,6 +77,13 @@ def _cos_pi(x: jax.Array) -> jax.Array:
         -1 / 3628800 + a2 * (1 / 479001600))))))
 
 
+def _small_to_float(x: jax.Array) -> jax.Array:
+    """float32 of a uint32 below 2^31, converted as int32: x86 has no vector instruction for
+    unsigned conversion below AVX-512, and LLVM then falls back to scalar code (slow to run and,
+    in the small unrolled kernels of small leaves, very slow to compile)."""
+    return jax.lax.bitcast_convert_type(x, jnp.int32).astype(jnp.float32)
+
+
 # ln(1+t) ≈ t - t²/2 + t³ Q(t) on [√½ - 1, √2 - 1]: Q's coefficients were fitted here by
 # weighted least squares on Chebyshev nodes (relative error of ln < 1.5e-7 in float32).
 _LOG_Q = (
@@ -90,7 +97,7 @@ def _log_unit(u: jax.Array) -> jax.Array:
     the mantissa, reduced to [√½, √2). Several times cheaper than ``jnp.log`` on CPU, which
     also handles zeros, subnormals, negatives and infinities."""
     bits = jax.lax.bitcast_convert_type(u, jnp.uint32) + jnp.uint32(0x3F800000 - 0x3F3504F3)
-    e = (bits >> 23).astype(jnp.float32) - jnp.float32(127.0)
+    e = _small_to_float(bits >> 23) - jnp.float32(127.0)
     m = jax.lax.bitcast_convert_type(
         (bits & jnp.uint32(0x007FFFFF)) + jnp.uint32(0x3F3504F3), jnp.float32
     )
@@ -136,27 +143,18 @@ def _flat_index(shape: tuple[int, ...]) -> jax.Array:
     return index
 
 
-def _normal_from_counter(
-    counter: jax.Array, k0: jax.Array, k1: jax.Array, materialize: bool = False
-) -> jax.Array:
-    """One float32 standard normal per uint32 counter (see the module docstring).
-
-    ``materialize`` ends the computation in a division (the same value up to rounding), an
-    operation XLA does not duplicate into several consumers: a draw that is sliced into many
-    leaves is then computed once instead of once per slice.
-    """
+def _normal_from_counter(counter: jax.Array, k0: jax.Array, k1: jax.Array) -> jax.Array:
+    """One float32 standard normal per uint32 counter (see the module docstring)."""
     h = _mix32(_mix32(counter + k0) ^ k1)
     # u₁ in (0, 1) from the top 21 bits, at the midpoints of 2^21 cells: -2 log u₁ ≤ 30.5.
-    u1 = (h >> 11).astype(jnp.float32) * jnp.float32(2.0**-21) + jnp.float32(2.0**-22)
+    u1 = _small_to_float(h >> 11) * jnp.float32(2.0**-21) + jnp.float32(2.0**-22)
     s = jnp.float32(-2.0) * _log_unit(u1)
     # θ/π - 1/2 in (-1/2, 1/2) from 10 more bits (again at midpoints), the lowest bit picks
     # the half circle: θ takes 2048 equally spaced values, which reproduces every moment of
     # cos θ below order 2048 exactly.
-    t = ((h >> 1) & jnp.uint32(0x3FF)).astype(jnp.float32) * jnp.float32(2.0**-10)
+    t = _small_to_float((h >> 1) & jnp.uint32(0x3FF)) * jnp.float32(2.0**-10)
     c = _cos_pi(t + jnp.float32(2.0**-11 - 0.5))
     c = jnp.where((h & jnp.uint32(1)) == 1, c, -c)
-    if materialize:
-        return (s * c) / jnp.sqrt(s)
     return jnp.sqrt(s) * c
 
 
@@ -181,9 +179,8 @@ def standard_normal_leaves(
     happens shard by shard.
 
     With ``"threefry"`` leaf ``i`` uses ``jax.random.split(key, n)[i]``. With ``"fast"``
-    leaf ``i`` hashes its element indices under the key's words mixed with a constant for
-    ``i``; leaves of at most ``SMALL_LEAF`` elements share one flat draw per dtype, leaf
-    ``i`` taking the counters from its offset there.
+    each leaf above ``SMALL_LEAF`` elements has its own draw, and smaller leaves share one
+    flat draw per dtype.
     """
     check_generator(generator)
     n = len(shapes_dtypes)
@@ -198,38 +195,43 @@ def standard_normal_leaves(
                 out[i] = jax.random.normal(keys[i], shape, dtype, out_sharding=sharding)
         return out
     k0, k1 = _key_words(key)
-    # Leaf i hashes the counters offset_i + (its row-major element index), offset_i being the
-    # number of elements drawn before it, under the key words (k0, k1 ^ C_i): within a call
-    # no two elements share a counter (below 2^32 elements in all), and the per-leaf
-    # constant C_i keeps the leaves apart beyond that too.
+    # Every draw below hashes the counters offset + (its row-major element index), offset
+    # being the number of elements drawn before it in this call, under the key words
+    # (k0, k1 ^ C), C a constant for the leaf or flat group: within a call no two elements
+    # share a counter (below 2^32 elements in all), and C keeps the draws apart beyond that.
     small: dict[Any, list[int]] = {}
     offset = 0
+
+    def draw(shape: tuple[int, ...], constant: int) -> jax.Array:
+        nonlocal offset
+        z = _normal_from_counter(
+            _flat_index(shape),
+            k0 + jnp.uint32(offset % 2**32),
+            k1 ^ jnp.uint32(_leaf_constant(constant)),
+        )
+        offset += int(np.prod(shape, dtype=np.int64))
+        return z
+
     for i, spec in enumerate(shapes_dtypes):
         if spec is None:
             continue
         shape, dtype, sharding = spec
+        shape = tuple(shape)
         size = int(np.prod(shape, dtype=np.int64))
         if sharding is not None:
-            leaf_key = jax.random.fold_in(key, i)
-            out[i] = jax.random.normal(leaf_key, shape, dtype, out_sharding=sharding)
+            out[i] = jax.random.normal(
+                jax.random.fold_in(key, i), shape, dtype, out_sharding=sharding
+            )
         elif size <= SMALL_LEAF:
             small.setdefault(jnp.dtype(dtype), []).append(i)
         else:
-            out[i] = _normal_from_counter(
-                _flat_index(tuple(shape)),
-                k0 + jnp.uint32(offset % 2**32),
-                k1 ^ jnp.uint32(_leaf_constant(i)),
-            ).astype(dtype)
-            offset += size
+            out[i] = draw(shape, i).astype(dtype)
+    # Small leaves share one flat draw per dtype: XLA fuses each leaf's slice of it, with the
+    # generator, into the kernel that forms the leaf's θ, so every element is still computed
+    # once. (Materialising the draw and slicing it was measured slower to compile on CPU.)
     for group, (dtype, members) in enumerate(small.items()):
         sizes = [int(np.prod(shapes_dtypes[i][0], dtype=np.int64)) for i in members]
-        flat = _normal_from_counter(
-            jax.lax.iota(jnp.uint32, sum(sizes)),
-            k0 + jnp.uint32(offset % 2**32),
-            k1 ^ jnp.uint32(_leaf_constant(n + group)),
-            materialize=len(members) > 1,
-        )
-        offset += sum(sizes)
+        flat = draw((sum(sizes),), n + group)
         start = 0
         for i, size in zip(members, sizes, strict=True):
             out[i] = flat[start : start + size].reshape(shapes_dtypes[i][0]).astype(dtype)

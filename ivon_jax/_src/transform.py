@@ -12,6 +12,7 @@ import optax
 from optax._src import numerics
 
 from ivon_jax._src import checks
+from ivon_jax._src import fusion
 from ivon_jax._src import wrappers
 
 
@@ -184,16 +185,15 @@ def scale_by_ivon(
                 correction = 1 - b1_ ** count.astype(dt)  # used only when debiasing
                 wd = jnp.asarray(weight_decay, dt)
                 floor = jnp.maximum(jnp.finfo(dt).tiny, 4 * jnp.finfo(dt).eps * wd)
-                one = jnp.minimum(count, 1).astype(dt)
                 scalars[dt] = (
-                    b1_, 1 - b1_, b2_, 1 - b2_, 0.5 * (1 - b2_) ** 2, wd, floor, correction, one
+                    b1_, 1 - b1_, b2_, 1 - b2_, 0.5 * (1 - b2_) ** 2, wd, floor, correction,
                 )
             return scalars[dt]
 
         def leaf_update(
             g_hat: jax.Array, h_hat: jax.Array, p: jax.Array, g: jax.Array, h: jax.Array
         ) -> tuple[jax.Array, jax.Array, jax.Array]:
-            b1_, one_b1, b2_, one_b2, half_sq, wd, floor, correction, one = constants(h.dtype)
+            b1_, one_b1, b2_, one_b2, half_sq, wd, floor, correction = constants(h.dtype)
             dt = h.dtype
             p = jnp.asarray(p)
             g_hat, h_hat, m = g_hat.astype(dt), h_hat.astype(dt), p.astype(dt)
@@ -201,13 +201,10 @@ def scale_by_ivon(
             h_new = b2_ * h + one_b2 * h_hat + half_sq * jnp.square(h - h_hat) / (h + wd)
             # In exact arithmetic h + δ only shrinks by half per step; in floating point it
             # can underflow or cancel to 0 (then 0/0). Keep it at a floor; NaN still passes.
-            h_new = jnp.maximum(h_new, floor - wd)
-            # Dividing by a 1 that XLA cannot see at compile time (count ≥ 1 after the
-            # increment) changes no bit, but ends h' in an operation XLA does not duplicate:
-            # h' is then materialised once (it is an output anyway) and read by the update,
-            # instead of a temporary that every consumer re-reads (on CPU that also cost a
-            # copy of h and of the parameters per step).
-            h_new = h_new / one
+            # No bit changes; h' is computed once, straight into the state's buffer, and the
+            # step reads it (otherwise XLA keeps a temporary that every consumer re-reads and,
+            # on CPU, copies h and the parameters each step).
+            h_new = fusion.materialize(jnp.maximum(h_new, floor - wd))
             g_bar = g_new / correction if debias else g_new
             u = (g_bar + wd * m) / (h_new + wd)
             return u.astype(p.dtype), g_new, h_new
