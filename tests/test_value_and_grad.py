@@ -232,3 +232,22 @@ def test_update_with_value_and_grad_output_trains():
         params = optax.apply_updates(params, updates)
         losses.append(float(loss))
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_sequential_samples_add_only_the_two_running_sums():
+    """mode="scan" keeps one sample's temporaries plus the running sums of ĝ and ĥ: S = 8
+    needs at most two parameter-sized buffers more than S = 1 (XLA hoisting σ, λ(h + δ) or
+    the noise counters out of the loop would add one each)."""
+    params = {"w": jnp.zeros((512, 512), jnp.float32), "b": jnp.zeros((512,), jnp.float32)}
+    state = ivon_jax.ivon(0.1, ess=100.0).init(params)
+    x = jnp.ones((16, 512), jnp.float32)
+    loss = lambda p, xb: jnp.mean(jnp.tanh(xb @ p["w"] + p["b"][None, :]) ** 2)
+    param_bytes = 4 * (512 * 512 + 512)
+
+    def temp_bytes(num_samples):
+        vg = ivon_jax.value_and_grad(loss, num_samples=num_samples, mode="scan")
+        compiled = jax.jit(vg).lower(jax.random.key(0), params, state, x).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    one, eight = temp_bytes(1), temp_bytes(8)
+    assert eight <= one + 2 * param_bytes + 64 * 1024, (one, eight, param_bytes)

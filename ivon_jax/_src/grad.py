@@ -80,7 +80,11 @@ def _sample_mean(
             )
 
         def term(k):
-            out = one_sample(k, params, opt_state, args, kwargs)
+            # Tie the parameters and state to this sample's key: otherwise XLA hoists what
+            # depends on them alone (σ, λ(h + δ)) out of the loop and keeps each alive as one
+            # more parameter-sized buffer for the whole loop.
+            k, p_, s_ = jax.lax.optimization_barrier((k, params, opt_state))
+            out = one_sample(k, p_, s_, args, kwargs)
             return jax.tree.map(lambda x: x.astype(_accum_dtype(x)), out)
 
         total = _scan_sum(term, keys)
@@ -261,8 +265,11 @@ def accumulated_value_and_grad(
         key = _device_key(key, axis_name)
         dtypes: list[Any] = []  # the dtypes of one micro-batch's result, seen while tracing
 
-        def weighted(j, mb, b):
-            out = mean_fn(jax.random.fold_in(key, j), params, opt_state, (mb, *args), kwargs)
+        def weighted(j, mb, b, tie=False):
+            p_, s_ = params, opt_state
+            if tie:  # under lax.scan: see `term` in `_sample_mean`
+                j, p_, s_ = jax.lax.optimization_barrier((j, p_, s_))
+            out = mean_fn(jax.random.fold_in(key, j), p_, s_, (mb, *args), kwargs)
             dtypes[:] = [jax.tree.map(lambda x: x.dtype, out)]
             return jax.tree.map(lambda x: b.astype(_accum_dtype(x)) * x.astype(_accum_dtype(x)),
                                 out)
@@ -271,7 +278,7 @@ def accumulated_value_and_grad(
         if micro_mode == "vmap":
             total = jax.tree.map(lambda x: jnp.sum(x, axis=0), jax.vmap(weighted)(*inputs))
         else:
-            total = _scan_sum(lambda inp: weighted(*inp), inputs)
+            total = _scan_sum(lambda inp: weighted(*inp, tie=True), inputs)
         local = jnp.sum(sizes)
         value, grads, hess = total
         aux = None

@@ -132,15 +132,25 @@ def _leaf_constant(i: int) -> int:
     return x ^ (x >> 16)
 
 
-def _flat_index(shape: tuple[int, ...]) -> jax.Array:
-    """Row-major element index (mod 2^32) in ``shape``, built from iotas: no reshape."""
-    index = jnp.zeros(shape, jnp.uint32)
+def _counters(shape: tuple[int, ...], start: jax.Array) -> jax.Array:
+    """``start`` + row-major element index (mod 2^32) in ``shape``, from broadcast iotas.
+
+    No reshape, so the counters partition like a leaf of this shape. ``start`` is added to
+    the last axis's iota before any broadcast, so no intermediate larger than one axis is
+    independent of the key: under ``lax.scan`` over samples XLA would otherwise hoist such an
+    index array out of the loop and keep it alive as one more parameter-sized buffer.
+    """
+    if not shape:
+        return start
+    index = None
     stride = 1
     for d in reversed(range(len(shape))):
-        iota = jax.lax.broadcasted_iota(jnp.uint32, shape, d)
-        index = index + iota * jnp.uint32(stride % 2**32)
+        dims = [1] * len(shape)
+        dims[d] = shape[d]
+        term = jax.lax.broadcasted_iota(jnp.uint32, tuple(dims), d) * jnp.uint32(stride % 2**32)
+        index = term + start if index is None else term + index
         stride *= shape[d]
-    return index
+    return jnp.broadcast_to(index, shape)
 
 
 def _normal_from_counter(counter: jax.Array, k0: jax.Array, k1: jax.Array) -> jax.Array:
@@ -205,8 +215,8 @@ def standard_normal_leaves(
     def draw(shape: tuple[int, ...], constant: int) -> jax.Array:
         nonlocal offset
         z = _normal_from_counter(
-            _flat_index(shape),
-            k0 + jnp.uint32(offset % 2**32),
+            _counters(shape, k0 + jnp.uint32(offset % 2**32)),
+            jnp.uint32(0),
             k1 ^ jnp.uint32(_leaf_constant(constant)),
         )
         offset += int(np.prod(shape, dtype=np.int64))
