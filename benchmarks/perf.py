@@ -4,8 +4,9 @@
     python benchmarks/perf.py --smoke    # a tiny version (CI runs it through the tests)
 
 Everything is jitted, with parameters and optimizer state donated; times are medians of
-repeated calls after warm-up, with ``block_until_ready``. Ratios are IVON / AdamW from the same
-run (the machines are shared and noisy, so absolute times matter less than ratios).
+repeated calls after warm-up, with ``block_until_ready``, the contenders of a row called in
+turn. Ratios are IVON / AdamW from the same run (the machines are shared and noisy, so
+absolute times matter less than ratios).
 
 Sections:
   1. Whole train step (forward, backward, optimizer; one MC sample): MLP 784-500-300-10
@@ -56,17 +57,6 @@ def interleaved_medians(
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def median_time(fn: Callable[[], Any], reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 # ----------------------------------------------------------------------------- models
@@ -296,10 +286,12 @@ def noise_rows(total: int, reps: int, out):
     key = jax.random.key(0)
     shape = (total,)
     state = ivon_jax.ivon(0.1, ess=1.0).init({"w": jnp.zeros(shape)})
+    calls = {}
     for gen in ("threefry", "fast"):
         f = jax.jit(lambda k, gen=gen: ivon_jax.sample_params(
             k, {"w": jnp.zeros(shape)}, state, generator=gen)[1]["w"])
-        t = median_time(lambda f=f: f(key), reps)
+        calls[gen] = lambda f=f: f(key)
+    for gen, t in interleaved_medians(calls, reps).items():
         out.append({"generator": gen, "numbers": total, "seconds": t})
         print(f"  {gen:9s} {total / 1e6:.0f}M normals (sample_params) {1e3 * t:8.2f} ms",
               flush=True)
