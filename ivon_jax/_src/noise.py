@@ -94,8 +94,8 @@ _LOG_Q = (
 
 def _log_unit(u: jax.Array) -> jax.Array:
     """ln u for normal float32 u > 0 (here u in (0, 1)): the exponent plus a polynomial in
-    the mantissa, reduced to [√½, √2). Several times cheaper than ``jnp.log`` on CPU, which
-    also handles zeros, subnormals, negatives and infinities."""
+    the mantissa, reduced to [√½, √2). About half the cost of ``jnp.log`` on CPU, which also
+    handles zeros, subnormals, negatives and infinities."""
     bits = jax.lax.bitcast_convert_type(u, jnp.uint32) + jnp.uint32(0x3F800000 - 0x3F3504F3)
     e = _small_to_float(bits >> 23) - jnp.float32(127.0)
     m = jax.lax.bitcast_convert_type(
