@@ -158,3 +158,21 @@ def test_polynomial_log_matches_numpy_on_every_radius_input():
     got = np.asarray(jax.jit(noise._log_unit)(u), np.float64)
     want = np.log(u.astype(np.float64))
     assert np.max(np.abs(got - want) / np.abs(want)) < 1.5e-7
+
+
+def test_scaled_draw_is_the_draw_divided_by_sqrt_precision():
+    """With ``precisions`` every leaf (small ones scaled in their shared flat draw, large ones
+    on their own) is ε / sqrt(precision) for the same ε, to float32 rounding."""
+    specs = [((5000,), jnp.float32, None), ((7,), jnp.float32, None), ((3, 4), jnp.float32, None),
+             ((), jnp.float32, None), None, ((64, 70), jnp.float32, None)]
+    keys = jax.random.split(jax.random.key(8), len(specs))
+    precisions = [None if s is None else jnp.exp(jax.random.normal(k, s[0]))
+                  for k, s in zip(keys, specs, strict=True)]
+    key = jax.random.key(9)
+    eps = noise.standard_normal_leaves(key, specs)
+    scaled = noise.standard_normal_leaves(key, specs, precisions=precisions)
+    for e, p, z in zip(eps, precisions, scaled, strict=True):
+        if e is None:
+            assert z is None
+            continue
+        np.testing.assert_allclose(np.asarray(z), np.asarray(e / np.sqrt(p)), rtol=3e-7)

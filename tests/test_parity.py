@@ -50,13 +50,19 @@ def run_ivon_jax(cfg: dict[str, Any], vec: dict[str, np.ndarray], monkeypatch) -
     bounds = np.cumsum([0, *sizes])
     current_eps: list[jax.Array] = []
 
-    def stored_normal(key, shapes_dtypes, generator="fast"):
+    def stored_normal(key, shapes_dtypes, generator="fast", precisions=None):
+        # The stored ε in place of the generator; like the generator, divided by
+        # sqrt(precision) when the library passes its λ(h + δ).
         del key, generator
         (flat,) = current_eps
-        return [
+        eps = [
             None if sd is None else flat[bounds[i] : bounds[i + 1]].reshape(sd[0]).astype(sd[1])
             for i, sd in enumerate(shapes_dtypes)
         ]
+        if precisions is None:
+            return eps
+        return [None if e is None else e / jnp.sqrt(p)
+                for e, p in zip(eps, precisions, strict=True)]
 
     monkeypatch.setattr(noise_module, "standard_normal_leaves", stored_normal)
     S = cfg["mc_samples"]

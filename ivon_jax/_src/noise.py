@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ivon_jax._src import fusion
+
 GENERATORS = ("fast", "threefry")
 Generator = Literal["fast", "threefry"]
 
@@ -180,6 +182,7 @@ def standard_normal_leaves(
     key: jax.Array,
     shapes_dtypes: Sequence[tuple[tuple[int, ...], jnp.dtype, Any] | None],
     generator: Generator = "fast",
+    precisions: Sequence[jax.Array | None] | None = None,
 ) -> list[jax.Array | None]:
     """Draws ε ~ N(0, I) for each ``(shape, dtype, sharding)`` entry (``None`` gets ``None``).
 
@@ -191,18 +194,29 @@ def standard_normal_leaves(
     With ``"threefry"`` leaf ``i`` uses ``jax.random.split(key, n)[i]``. With ``"fast"``
     each leaf above ``SMALL_LEAF`` elements has its own draw, and smaller leaves share one
     flat draw per dtype.
+
+    With ``precisions`` (one array like each leaf, in its dtype), leaf ``i`` gets
+    ``ε_i / sqrt(precisions[i])`` instead, the same numbers as dividing afterwards. The
+    small leaves' flat draw is then scaled in one flat kernel and computed once: each leaf's
+    kernel only reads its slice, which on CPU compiles several times faster than a per-leaf
+    copy of the generator and the square root (measured with 200 small leaves: the whole
+    IVON step compiled in 5.0 s instead of 7.1 s).
     """
     check_generator(generator)
     n = len(shapes_dtypes)
     if n == 0:
         return []
     out: list[jax.Array | None] = [None] * n
+    def scaled(i: int, z: jax.Array) -> jax.Array:
+        return z if precisions is None else z / jnp.sqrt(precisions[i])
+
     if generator == "threefry":
         keys = jax.random.split(key, n)
         for i, spec in enumerate(shapes_dtypes):
             if spec is not None:
                 shape, dtype, sharding = spec
-                out[i] = jax.random.normal(keys[i], shape, dtype, out_sharding=sharding)
+                z = jax.random.normal(keys[i], shape, dtype, out_sharding=sharding)
+                out[i] = scaled(i, z)
         return out
     k0, k1 = _key_words(key)
     # Every draw below hashes the counters offset + (its row-major element index), offset
@@ -229,21 +243,27 @@ def standard_normal_leaves(
         shape = tuple(shape)
         size = int(np.prod(shape, dtype=np.int64))
         if sharding is not None:
-            out[i] = jax.random.normal(
-                jax.random.fold_in(key, i), shape, dtype, out_sharding=sharding
-            )
+            z = jax.random.normal(jax.random.fold_in(key, i), shape, dtype, out_sharding=sharding)
+            out[i] = scaled(i, z)
         elif size <= SMALL_LEAF:
             small.setdefault(jnp.dtype(dtype), []).append(i)
         else:
-            out[i] = draw(shape, i).astype(dtype)
-    # Small leaves share one flat draw per dtype: XLA fuses each leaf's slice of it, with the
-    # generator, into the kernel that forms the leaf's θ, so every element is still computed
-    # once. (Materialising the draw and slicing it was measured slower to compile on CPU.)
+            out[i] = scaled(i, draw(shape, i).astype(dtype))
+    # Small leaves share one flat draw per dtype. Unscaled, XLA fuses each leaf's slice of it,
+    # with the generator, into the leaf's own kernel (every element is still computed once).
+    # Scaled, the division by sqrt(precision) happens on the flat draw, which is then
+    # materialised: a kernel that slices a materialised array *and* takes a square root
+    # compiles slowly on CPU, one that only slices does not.
     for group, (dtype, members) in enumerate(small.items()):
         sizes = [int(np.prod(shapes_dtypes[i][0], dtype=np.int64)) for i in members]
-        flat = draw((sum(sizes),), n + group)
+        flat = draw((sum(sizes),), n + group).astype(dtype)
+        if precisions is not None:
+            flat_precision = jnp.concatenate([precisions[i].reshape(-1) for i in members])
+            flat = flat / jnp.sqrt(flat_precision)
+            if len(members) > 1:
+                flat = fusion.materialize(flat)
         start = 0
         for i, size in zip(members, sizes, strict=True):
-            out[i] = flat[start : start + size].reshape(shapes_dtypes[i][0]).astype(dtype)
+            out[i] = flat[start : start + size].reshape(shapes_dtypes[i][0])
             start += size
     return out

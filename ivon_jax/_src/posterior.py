@@ -184,16 +184,18 @@ def sample_params(
         None if m is None else (jnp.shape(x), m.hess.dtype, noise.explicit_sharding(x))
         for x, m in zip(leaves, managed, strict=True)
     ]
-    eps = noise.standard_normal_leaves(key, shapes_dtypes, generator)
+    precisions = [None if m is None else m.precision() for m in managed]
+    # σ ⊙ ε = ε / sqrt(λ (h + δ)), drawn and scaled together (see standard_normal_leaves).
+    scaled_eps = noise.standard_normal_leaves(key, shapes_dtypes, generator, precisions)
     sampled, perturbation = [], []
-    for x, m, e in zip(leaves, managed, eps, strict=True):
+    for x, m, e in zip(leaves, managed, scaled_eps, strict=True):
         if m is None:
             sampled.append(x)
             perturbation.append(jnp.zeros_like(x))
             continue
         x = jnp.asarray(x)
         dt = x.dtype
-        s = (x.astype(e.dtype) + e / jnp.sqrt(m.precision())).astype(dt)
+        s = (x.astype(e.dtype) + e).astype(dt)
         sampled.append(s)
         # The perturbation actually applied (after rounding θ to the parameter dtype), so that
         # Price's estimator sees the θ − m at which the gradient was taken.
