@@ -161,10 +161,17 @@ def test_polynomial_log_matches_numpy_on_every_radius_input():
 
 
 def test_scaled_draw_is_the_draw_divided_by_sqrt_precision():
-    """With ``precisions`` every leaf (small ones scaled in their shared flat draw, large ones
-    on their own) is ε / sqrt(precision) for the same ε, to float32 rounding."""
-    specs = [((5000,), jnp.float32, None), ((7,), jnp.float32, None), ((3, 4), jnp.float32, None),
-             ((), jnp.float32, None), None, ((64, 70), jnp.float32, None)]
+    """With ``precisions`` every leaf is ε / sqrt(precision) for the same ε, to float32
+    rounding: large leaves on their own, small ones each on its slice of the shared draw (a
+    few) or in the flat draw before slicing (more than FLAT_SCALE_MIN of them)."""
+    few = [((5000,), jnp.float32, None), ((7,), jnp.float32, None), ((3, 4), jnp.float32, None),
+           ((), jnp.float32, None), None, ((64, 70), jnp.float32, None)]
+    many = [((i % 5 + 1, 3), jnp.float32, None) for i in range(noise.FLAT_SCALE_MIN + 4)]
+    for specs in (few, few + many):
+        _check_scaled(specs)
+
+
+def _check_scaled(specs):
     keys = jax.random.split(jax.random.key(8), len(specs))
     precisions = [None if s is None else jnp.exp(jax.random.normal(k, s[0]))
                   for k, s in zip(keys, specs, strict=True)]

@@ -176,6 +176,10 @@ def _normal_from_counter(counter: jax.Array, k0: jax.Array, k1: jax.Array) -> ja
 # mesh axes (negligible at this size). Larger leaves are drawn in their own shape, so the
 # draw partitions with their sharding.
 SMALL_LEAF = 1 << 12
+# With more small leaves than this in a dtype, their draw is scaled by 1/σ in one flat kernel
+# (faster to compile with many leaves); with fewer, each leaf scales its own slice (two fewer
+# kernels per step, which matters for tiny models).
+FLAT_SCALE_MIN = 16
 
 
 def standard_normal_leaves(
@@ -196,11 +200,11 @@ def standard_normal_leaves(
     flat draw per dtype.
 
     With ``precisions`` (one array like each leaf, in its dtype), leaf ``i`` gets
-    ``ε_i / sqrt(precisions[i])`` instead, the same numbers as dividing afterwards. The
-    small leaves' flat draw is then scaled in one flat kernel and computed once: each leaf's
-    kernel only reads its slice, which on CPU compiles several times faster than a per-leaf
-    copy of the generator and the square root (measured with 200 small leaves: the whole
-    IVON step compiled in 5.0 s instead of 7.1 s).
+    ``ε_i / sqrt(precisions[i])`` instead (to rounding, the same numbers as dividing
+    afterwards). With more than ``FLAT_SCALE_MIN`` small leaves their flat draw is then scaled
+    in one flat kernel and computed once: each leaf's kernel only reads its slice, which on
+    CPU compiles several times faster than a per-leaf copy of the generator and the square
+    root (200 small leaves: the whole IVON step compiled in 5.0 s instead of 7.1 s).
     """
     check_generator(generator)
     n = len(shapes_dtypes)
@@ -249,21 +253,21 @@ def standard_normal_leaves(
             small.setdefault(jnp.dtype(dtype), []).append(i)
         else:
             out[i] = scaled(i, draw(shape, i).astype(dtype))
-    # Small leaves share one flat draw per dtype. Unscaled, XLA fuses each leaf's slice of it,
-    # with the generator, into the leaf's own kernel (every element is still computed once).
-    # Scaled, the division by sqrt(precision) happens on the flat draw, which is then
-    # materialised: a kernel that slices a materialised array *and* takes a square root
-    # compiles slowly on CPU, one that only slices does not.
+    # Small leaves share one flat draw per dtype. By default XLA fuses each leaf's slice of
+    # it, with the generator, into the leaf's own kernel (every element is still computed
+    # once). With many leaves the division by sqrt(precision) happens on the flat draw, which
+    # is then materialised: a kernel that slices a materialised array *and* takes a square
+    # root compiles slowly on CPU, one that only slices does not.
     for group, (dtype, members) in enumerate(small.items()):
         sizes = [int(np.prod(shapes_dtypes[i][0], dtype=np.int64)) for i in members]
         flat = draw((sum(sizes),), n + group).astype(dtype)
-        if precisions is not None:
+        flat_scaled = precisions is not None and len(members) > FLAT_SCALE_MIN
+        if flat_scaled:
             flat_precision = jnp.concatenate([precisions[i].reshape(-1) for i in members])
-            flat = flat / jnp.sqrt(flat_precision)
-            if len(members) > 1:
-                flat = fusion.materialize(flat)
+            flat = fusion.materialize(flat / jnp.sqrt(flat_precision))
         start = 0
         for i, size in zip(members, sizes, strict=True):
-            out[i] = flat[start : start + size].reshape(shapes_dtypes[i][0])
+            z = flat[start : start + size].reshape(shapes_dtypes[i][0])
+            out[i] = z if flat_scaled else scaled(i, z)
             start += size
     return out
