@@ -169,22 +169,28 @@ def make_steps(apply, n_train: int, samples: int = 1, mode: str = "vmap"):
             "IVON": (ivon, ivon_step)}
 
 
+def donated_caller(step, tx, params, key, *args) -> Callable[[], Any]:
+    """A no-argument function running jitted ``step(params, state, key, *args)`` on its own
+    copy of the parameters and a fresh state, both donated and carried from call to call;
+    it returns the step's third output."""
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    carry = {"p": jax.tree.map(jnp.copy, params)}
+    carry["s"] = tx.init(carry["p"])
+
+    def call():
+        carry["p"], carry["s"], extra = jitted(carry["p"], carry["s"], key, *args)
+        return extra
+
+    return call
+
+
 def time_train_steps(name, params, apply, x, y, reps, out):
     steps = make_steps(apply, n_train=50_000)
     row = {"model": name, "params": n_params(params)}
-    calls = {}
-    for opt_name, (tx, step) in steps.items():
-        jitted = jax.jit(step, donate_argnums=(0, 1))
-        p = jax.tree.map(jnp.copy, params)
-        s = tx.init(p)
-        key = jax.random.key(0)
-        state = {"p": p, "s": s}
-
-        def call(jitted=jitted, state=state, key=key):
-            state["p"], state["s"], loss = jitted(state["p"], state["s"], key, x, y)
-            return loss
-
-        calls[opt_name] = call
+    calls = {
+        opt_name: donated_caller(step, tx, params, jax.random.key(0), x, y)
+        for opt_name, (tx, step) in steps.items()
+    }
     row.update(interleaved_medians(calls, reps))
     row["IVON/AdamW"] = row["IVON"] / row["AdamW"]
     out.append(row)
@@ -212,18 +218,10 @@ def time_optimizer_alone(total: int, leaves: int, reps: int, out):
         return optax.apply_updates(params, updates), state, sampled  # θ feeds the forward
 
     row = {"params": total, "leaves": leaves}
-    calls = {}
-    for name, tx, step in (("AdamW", adamw, adam_step), ("IVON", ivon, ivon_step)):
-        jitted = jax.jit(step, donate_argnums=(0, 1))
-        state = {"p": jax.tree.map(jnp.copy, params)}
-        state["s"] = tx.init(state["p"])
-        key = jax.random.key(1)
-
-        def call(jitted=jitted, state=state, key=key):
-            state["p"], state["s"], extra = jitted(state["p"], state["s"], key, grads)
-            return extra
-
-        calls[name] = call
+    calls = {
+        name: donated_caller(step, tx, params, jax.random.key(1), grads)
+        for name, tx, step in (("AdamW", adamw, adam_step), ("IVON", ivon, ivon_step))
+    }
     row.update(interleaved_medians(calls, reps))
     row["IVON/AdamW"] = row["IVON"] / row["AdamW"]
     out.append(row)
