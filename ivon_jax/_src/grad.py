@@ -80,11 +80,7 @@ def _sample_mean(
             )
 
         def term(k):
-            # Tie the parameters and state to this sample's key: otherwise XLA hoists what
-            # depends on them alone (σ, λ(h + δ)) out of the loop and keeps each alive as one
-            # more parameter-sized buffer for the whole loop.
-            k, p_, s_ = jax.lax.optimization_barrier((k, params, opt_state))
-            out = one_sample(k, p_, s_, args, kwargs)
+            out = one_sample(*_tied_to_loop(k, params, opt_state), args, kwargs)
             return jax.tree.map(lambda x: x.astype(_accum_dtype(x)), out)
 
         total = _scan_sum(term, keys)
@@ -92,6 +88,14 @@ def _sample_mean(
         return jax.tree.map(lambda t, s: (t / num_samples).astype(s.dtype), total, like)
 
     return run
+
+
+def _tied_to_loop(index: Any, params: Any, opt_state: Any) -> tuple[Any, Any, Any]:
+    """``(index, params, opt_state)`` unchanged, but tied to the loop ``index`` (a key or a
+    counter) by an optimization barrier. Inside a ``lax.scan`` body this stops XLA from
+    hoisting what depends on the parameters and state alone (σ, λ(h + δ)) out of the loop,
+    where each would stay alive as one more parameter-sized buffer for the whole loop."""
+    return jax.lax.optimization_barrier((index, params, opt_state))
 
 
 def _scan_sum(term: Callable[[Any], Any], xs: Any) -> Any:
@@ -266,9 +270,7 @@ def accumulated_value_and_grad(
         dtypes: list[Any] = []  # the dtypes of one micro-batch's result, seen while tracing
 
         def weighted(j, mb, b, tie=False):
-            p_, s_ = params, opt_state
-            if tie:  # under lax.scan: see `term` in `_sample_mean`
-                j, p_, s_ = jax.lax.optimization_barrier((j, p_, s_))
+            j, p_, s_ = _tied_to_loop(j, params, opt_state) if tie else (j, params, opt_state)
             out = mean_fn(jax.random.fold_in(key, j), p_, s_, (mb, *args), kwargs)
             dtypes[:] = [jax.tree.map(lambda x: x.dtype, out)]
             return jax.tree.map(lambda x: b.astype(_accum_dtype(x)) * x.astype(_accum_dtype(x)),
