@@ -8,6 +8,7 @@ from ivon_jax import merging
 from ivon_jax import metrics
 from ivon_jax import predictive
 from ivon_jax import sensitivity
+from ivon_jax._src.diagnostics import state_summary
 from ivon_jax._src.estimators import estimate_hessian
 from ivon_jax._src.grad import accumulated_value_and_grad
 from ivon_jax._src.grad import value_and_grad
@@ -39,5 +40,6 @@ __all__ = [
     "scale_by_ivon",
     "sensitivity",
     "skip_nonfinite",
+    "state_summary",
     "value_and_grad",
 ]

@@ -45,6 +45,21 @@ def stats_dtype(dtype: Any) -> jnp.dtype:
     return jnp.dtype(jnp.float32)
 
 
+def hess_lower_bound(weight_decay: jax.Array, dtype: Any) -> jax.Array:
+    """The smallest h that :func:`scale_by_ivon`'s update keeps: h is clamped to at least this.
+
+    It is ``floor - δ`` with ``floor = max(tiny, 4 eps δ)`` in ``dtype``: h + δ, which can
+    underflow or cancel to 0 in floating point, stays about ``floor`` > 0 (4 eps δ exceeds the
+    rounding of ``floor - δ``). :func:`ivon_jax.state_summary` counts the elements held here.
+
+    Args:
+      weight_decay: δ, a scalar in ``dtype``.
+      dtype: the statistics' dtype (h's dtype).
+    """
+    floor = jnp.maximum(jnp.finfo(dtype).tiny, 4 * jnp.finfo(dtype).eps * weight_decay)
+    return floor - weight_decay
+
+
 def scalar_dtype() -> jnp.dtype:
     """float64 when x64 is enabled, float32 otherwise."""
     return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
@@ -184,16 +199,16 @@ def scale_by_ivon(
                 b1_, b2_ = jnp.asarray(b1, dt), jnp.asarray(b2, dt)
                 correction = 1 - b1_ ** count.astype(dt)  # used only when debiasing
                 wd = jnp.asarray(weight_decay, dt)
-                floor = jnp.maximum(jnp.finfo(dt).tiny, 4 * jnp.finfo(dt).eps * wd)
+                h_min = hess_lower_bound(wd, dt)
                 scalars[dt] = (
-                    b1_, 1 - b1_, b2_, 1 - b2_, 0.5 * (1 - b2_) ** 2, wd, floor, correction,
+                    b1_, 1 - b1_, b2_, 1 - b2_, 0.5 * (1 - b2_) ** 2, wd, h_min, correction,
                 )
             return scalars[dt]
 
         def leaf_update(
             g_hat: jax.Array, h_hat: jax.Array, p: jax.Array, g: jax.Array, h: jax.Array
         ) -> tuple[jax.Array, jax.Array, jax.Array]:
-            b1_, one_b1, b2_, one_b2, half_sq, wd, floor, correction = constants(h.dtype)
+            b1_, one_b1, b2_, one_b2, half_sq, wd, h_min, correction = constants(h.dtype)
             dt = h.dtype
             p = jnp.asarray(p)
             g_hat, h_hat, m = g_hat.astype(dt), h_hat.astype(dt), p.astype(dt)
@@ -204,7 +219,7 @@ def scale_by_ivon(
             # No bit changes; h' is computed once, straight into the state's buffer, and the
             # step reads it (otherwise XLA keeps a temporary that every consumer re-reads and,
             # on CPU, copies h and the parameters each step).
-            h_new = fusion.materialize(jnp.maximum(h_new, floor - wd))
+            h_new = fusion.materialize(jnp.maximum(h_new, h_min))
             g_bar = g_new / correction if debias else g_new
             u = (g_bar + wd * m) / (h_new + wd)
             return u.astype(p.dtype), g_new, h_new
