@@ -84,7 +84,7 @@ def task_list(quick: bool) -> dict[str, dict]:
         "mnist1d-mlp": dict(data=T.mnist1d, model=T.mlp((40, 256, 256, 10)),
                             setup=T.Setup(2 if q else 60, 100), grids=CLS_GRIDS),
         "mnist1d-cnn": dict(data=T.mnist1d, model=T.cnn1d(8 if q else 16),
-                            setup=T.Setup(1 if q else 30, 100), grids=CLS_GRIDS),
+                            setup=T.Setup(1 if q else 60, 100), grids=CLS_GRIDS),
         "digits-mlp": dict(data=T.digits, model=T.mlp((64, 128, 128, 10)),
                            setup=T.Setup(2 if q else 60, 32), grids=CLS_GRIDS),
         "regression-1d": dict(data=T.regression_1d,

@@ -152,12 +152,22 @@ def cnn1d(channels: int = 32, length: int = 40, classes: int = 10) -> Model:
             c_in = channels
         return {"convs": convs, "out": _dense(ks[3], channels * (length // 4), classes)}
 
+    def conv(h, w, b, stride):
+        # 'SAME' 5-tap convolution as a matmul over stacked shifted copies (im2col): under
+        # vmap over runs it stays a batched matmul, where lax.conv becomes a grouped
+        # convolution that XLA:CPU runs many times slower.
+        length = h.shape[1]
+        out = -(-length // stride)
+        pad = max((out - 1) * stride + 5 - length, 0)  # lax's 'SAME': the extra one goes last
+        hp = jnp.pad(h, ((0, 0), (pad // 2, pad - pad // 2), (0, 0)))
+        cols = jnp.concatenate(
+            [hp[:, k:k + (out - 1) * stride + 1:stride] for k in range(5)], axis=-1)
+        return cols @ w.reshape(-1, w.shape[-1]) + b
+
     def apply(p, x):
         h = x[:, :, None]
-        for conv, s in zip(p["convs"], strides, strict=True):
-            h = jax.lax.conv_general_dilated(h, conv["w"], (s,), "SAME",
-                                             dimension_numbers=("NWC", "WIO", "NWC"))
-            h = jax.nn.relu(h + conv["b"])
+        for c, s in zip(p["convs"], strides, strict=True):
+            h = jax.nn.relu(conv(h, c["w"], c["b"], s))
         h = h.reshape(h.shape[0], -1)
         return h @ p["out"]["w"] + p["out"]["b"]
 
@@ -211,12 +221,14 @@ def sgd_method(grid) -> Method:
                                                 optax.sgd(lr, momentum=0.9)))
 
 
-def ivon_method(grid, hess_init: float, b2: float) -> Method:
-    # ess = the training-set size; the regulariser is the prior precision δ (weight_decay).
+def ivon_method(grid, hess_init: float, b2: float, ess_factor: float = 1.0,
+                **kwargs: Any) -> Method:
+    # ess = ess_factor x the training-set size; the regulariser is the prior precision δ
+    # (weight_decay); ``kwargs`` go to ``ivon_jax.ivon`` (clip_radius, rescale_lr, ...).
     return Method(
         "IVON", tuple(grid), "weight_decay",
-        lambda lr, wd, n: ivon_jax.ivon(lr, ess=float(n), hess_init=hess_init, b2=b2,
-                                        weight_decay=wd),
+        lambda lr, wd, n: ivon_jax.ivon(lr, ess=ess_factor * n, hess_init=hess_init, b2=b2,
+                                        weight_decay=wd, **kwargs),
         is_ivon=True,
     )
 
@@ -231,6 +243,7 @@ class Setup:
     epochs: int
     batch: int
     warmup: float = 0.05
+    schedule: str = "cosine"  # or "constant" (after the same warm-up)
 
 
 def steps_per_epoch(data: Data, setup: Setup) -> int:
@@ -271,8 +284,11 @@ def make_trainer(data: Data, model: Model, method: Method, setup: Setup) -> Trai
     vg = ivon_jax.value_and_grad(loss_fn) if method.is_ivon else None
 
     def optimizer(lr, reg):
-        sched = optax.warmup_cosine_decay_schedule(
-            0.0, 1.0, max(1, int(setup.warmup * total)), total)
+        warm = max(1, int(setup.warmup * total))
+        if setup.schedule == "cosine":
+            sched = optax.warmup_cosine_decay_schedule(0.0, 1.0, warm, total)
+        else:
+            sched = optax.linear_schedule(0.0, 1.0, warm)
         return method.build(lambda c: lr * sched(c), reg, n)
 
     def keys(seed):
