@@ -14,6 +14,7 @@ Writes ``benchmarks/results/hparam_sweep.{csv,md}``. About 5 minutes on 2 CPU co
 Usage::
 
     python benchmarks/hparam_sweep.py [--tasks mnist1d-mlp digits-mlp] [--seeds 3]
+    python benchmarks/hparam_sweep.py --quick --out /tmp/x     # a tiny version (CI)
 """
 
 from __future__ import annotations
@@ -74,7 +75,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="override (tiny runs)")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny (CI): digits, 1 epoch, 2 seeds, 3 variants, 2 samples")
     args = ap.parse_args()
+    pick = lambda vs: vs
+    if args.quick:
+        args.tasks, args.epochs, args.seeds, args.samples = ["digits-mlp"], 1, 2, 2
+        pick = lambda vs: [vs[0], vs[3], vs[-1]]
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     fields = ["task", "variant", "seed", "lr", "weight_decay", "val_acc", "val_nll", "val_ece",
@@ -84,7 +91,7 @@ def main() -> None:
           "of the MC predictive; σ and h from the final state.", ""]
     seeds = jnp.arange(1, args.seeds + 1)
     with open(args.out / "hparam_sweep.csv", "w", newline="") as f, \
-            tqdm(total=sum(len(variants(*TASKS[t]["base"])) for t in args.tasks),
+            tqdm(total=sum(len(pick(variants(*TASKS[t]["base"]))) for t in args.tasks),
                  desc="sweep", unit="variant") as bar:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -99,7 +106,7 @@ def main() -> None:
                    f"h0 {H0:g}, b2 {B2:g}, ess N = {data.n_train}", "",
                    "| variant | val acc (%) | val NLL | val ECE | NLL at mean | median σ "
                    "| h < 0 |", "|---|---:|---:|---:|---:|---:|---:|"]
-            for label, lr, wd, kw, sched in variants(*spec["base"]):
+            for label, lr, wd, kw, sched in pick(variants(*spec["base"])):
                 kw = dict(kw)
                 method = T.ivon_method([], kw.pop("hess_init"), kw.pop("b2"), **kw)
                 trainer = T.make_trainer(data, model, method,

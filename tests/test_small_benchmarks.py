@@ -90,3 +90,15 @@ def test_overfit_tiny(tmp_path):
     assert all(np.isfinite(float(r["test_nll"])) for r in rows)
     assert set(table_rows(out)) == {"AdamW", "IVON@mean", "IVON"}
     assert (tmp_path / "overfit.png").stat().st_size > 10_000
+
+
+def test_hparam_sweep_quick(tmp_path):
+    run(BENCH / "hparam_sweep.py", "--quick", "--out", tmp_path)
+    with open(tmp_path / "hparam_sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * 2  # 3 variants x 2 seeds
+    assert {r["variant"] for r in rows} >= {"chosen", "constant lr (no decay)"}
+    for r in rows:
+        assert 0 <= float(r["val_acc"]) <= 100 and float(r["sigma_p50"]) > 0
+    md = (tmp_path / "hparam_sweep.md").read_text()
+    assert md.count("\n| ") == 3 + 1  # header + 3 variants
