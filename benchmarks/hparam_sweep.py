@@ -5,7 +5,8 @@ changes ONE setting at a time — learning rate (x1/4, x4), ``rescale_lr=False``
 and with an equivalent learning rate), ``hess_init`` (x1/10, x10), ``ess`` (N/10, 10 N),
 ``b2`` (0.99, 0.99999), ``clip_radius`` 1e-3, ``weight_decay`` 1e-2 and a constant learning
 rate instead of the cosine decay — and reports, on the **validation** split (this is a guide,
-not a result; the test split is never read), mean ± std over ``--seeds`` seeds of accuracy,
+not a result; the test split is never read), mean ± std over ``--seeds`` seeds of accuracy
+(RMSE for the regression, which has no ECE),
 the NLL and ECE of the MC predictive, the NLL at the mean, and the final state's median σ and
 fraction of negative h (``ivon_jax.state_summary``).
 
@@ -13,7 +14,7 @@ Writes ``benchmarks/results/hparam_sweep.{csv,md}``. About 5 minutes on 2 CPU co
 
 Usage::
 
-    python benchmarks/hparam_sweep.py [--tasks mnist1d-mlp digits-mlp] [--seeds 3]
+    python benchmarks/hparam_sweep.py [--tasks mnist1d-mlp digits-mlp regression-1d] [--seeds 3]
     python benchmarks/hparam_sweep.py --quick --out /tmp/x     # a tiny version (CI)
 """
 
@@ -32,18 +33,20 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import tasks as T  # noqa: E402
+import tasks as T
 
-import ivon_jax  # noqa: E402
+import ivon_jax
 
 RESULTS = pathlib.Path(__file__).with_name("results")
 H0, B2 = 0.2, 0.999  # paper_table.py's fixed IVON settings
 # (peak lr, δ) chosen by paper_table.py on validation NLL (results/paper_table.md).
 TASKS = {
     "mnist1d-mlp": dict(data=T.mnist1d, model=T.mlp((40, 256, 256, 10)), setup=T.Setup(60, 100),
-                        base=(1.0, 1e-4)),
+                        base=(0.5, 1e-4)),
     "digits-mlp": dict(data=T.digits, model=T.mlp((64, 128, 128, 10)), setup=T.Setup(60, 32),
                        base=(0.5, 1e-4)),
+    "regression-1d": dict(data=T.regression_1d, model=T.mlp((1, 64, 64, 1), jnp.tanh, extra_out=1),
+                          setup=T.Setup(400, 32), base=(0.03, 1e-2)),
 }
 
 
@@ -84,7 +87,9 @@ def main() -> None:
         pick = lambda vs: [vs[0], vs[3], vs[-1]]
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    fields = ["task", "variant", "seed", "lr", "weight_decay", "val_acc", "val_nll", "val_ece",
+    nan = float("nan")
+    fields = ["task", "variant", "seed", "lr", "weight_decay", "val_acc", "val_rmse", "val_nll",
+              "val_ece",
               "val_nll_at_mean", "sigma_p50", "frac_h_negative"]
     md = ["# IVON hyper-parameters one at a time (validation split)", "",
           "Mean ± std over seeds; written by `python benchmarks/hparam_sweep.py`. NLL and ECE "
@@ -104,7 +109,8 @@ def main() -> None:
             md += [f"## {task}: {data.name}, {model.name}, {setup.epochs} epochs, batch "
                    f"{setup.batch}; chosen lr {spec['base'][0]:g}, δ {spec['base'][1]:g}, "
                    f"h0 {H0:g}, b2 {B2:g}, ess N = {data.n_train}", "",
-                   "| variant | val acc (%) | val NLL | val ECE | NLL at mean | median σ "
+                   "| variant | val " + ("acc (%)" if data.kind == "classification" else "RMSE")
+                   + " | val NLL | val ECE | NLL at mean | median σ "
                    "| h < 0 |", "|---|---:|---:|---:|---:|---:|---:|"]
             for label, lr, wd, kw, sched in pick(variants(*spec["base"])):
                 kw = dict(kw)
@@ -122,8 +128,9 @@ def main() -> None:
                     at_mean = T.scores(pred["mean"], data.y_val, data.kind)
                     summ = ivon_jax.state_summary(s)
                     row = dict(task=task, variant=label, seed=int(seeds[r]), lr=lr,
-                               weight_decay=wd, val_acc=mc["acc"], val_nll=mc["nll"],
-                               val_ece=mc["ece"], val_nll_at_mean=at_mean["nll"],
+                               weight_decay=wd, val_acc=mc.get("acc", nan),
+                               val_rmse=mc.get("rmse", nan), val_nll=mc["nll"],
+                               val_ece=mc.get("ece", nan), val_nll_at_mean=at_mean["nll"],
                                sigma_p50=float(summ["sigma_p50"]),
                                frac_h_negative=float(summ["frac_h_negative"]))
                     w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v)
@@ -131,8 +138,11 @@ def main() -> None:
                     res.append(row)
                 cell = lambda k, d, res=res: (f"{np.mean([x[k] for x in res]):.{d}f} ± "
                                               f"{np.std([x[k] for x in res]):.{d}f}")
-                md.append(f"| {label} | {cell('val_acc', 1)} | {cell('val_nll', 3)} "
-                          f"| {cell('val_ece', 3)} | {cell('val_nll_at_mean', 3)} "
+                first = (cell("val_acc", 1) if data.kind == "classification"
+                         else cell("val_rmse", 3))
+                md.append(f"| {label} | {first} | {cell('val_nll', 3)} "
+                          f"| {cell('val_ece', 3) if data.kind == 'classification' else '—'} "
+                          f"| {cell('val_nll_at_mean', 3)} "
                           f"| {np.mean([x['sigma_p50'] for x in res]):.3g} "
                           f"| {np.mean([x['frac_h_negative'] for x in res]):.2f} |")
                 bar.update(1)

@@ -50,7 +50,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import tasks as T  # noqa: E402
+import tasks as T
 
 RESULTS = pathlib.Path(__file__).with_name("results")
 K = 3  # ensemble size (deep ensemble and Multi-IVON)
@@ -177,7 +177,8 @@ def run_task(name: str, spec: dict, n_seeds: int, quick: bool, writer, bar) -> d
 
 
 def fmt(values: list[float], digits: int) -> str:
-    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.{digits}f}"
+    std = np.std(values, ddof=1) if len(values) > 1 else 0.0
+    return f"{np.mean(values):.{digits}f} ± {std:.{digits}f}"
 
 
 def markdown(results: dict[str, dict]) -> str:
