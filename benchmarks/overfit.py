@@ -35,6 +35,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import tasks as T
 
+import ivon_jax
+
 RESULTS = pathlib.Path(__file__).with_name("results")
 # Chosen by paper_table.py on MNIST-1D's validation split (results/paper_table.md).
 ADAMW = (1e-2, 3e-1)  # (peak lr, weight decay)
@@ -72,10 +74,13 @@ def main() -> None:
     def evaluator(is_ivon):
         def one(p, s, k):
             pred = T.predictive(model, data.kind, p, s, x_te, k, args.samples, is_ivon)
-            return {name: test_scores(probs) for name, probs in pred.items()}
+            out = {name: test_scores(probs) for name, probs in pred.items()}
+            # What to watch in IVON's state (README's guide): the median h and σ.
+            summary = ivon_jax.state_summary(s) if is_ivon else None
+            return out, summary
         return jax.jit(jax.vmap(one))
 
-    rows = []  # (method, seed, epoch, nll, acc)
+    rows = []  # (method, seed, epoch, nll, acc, h median, σ median)
     n_blocks = args.epochs // args.eval_every
     with tqdm(total=len(methods) * n_blocks, desc="training", unit="block") as bar:
         for name, (method, (lr, reg)) in methods.items():
@@ -87,13 +92,17 @@ def main() -> None:
                 carry = trainer.epochs(carry, seeds, lrs, regs, b * args.eval_every,
                                        args.eval_every)
                 keys = jax.random.split(jax.random.key(100 + b), args.seeds)
-                out = evaluate(carry[0], carry[1], keys)
+                out, summary = evaluate(carry[0], carry[1], keys)
                 epoch = (b + 1) * args.eval_every
                 for which, (nll, acc) in out.items():
                     label = name if which == "mean" and name == "AdamW" else (
                         "IVON@mean" if which == "mean" else "IVON")
                     for r in range(args.seeds):
-                        rows.append((label, int(seeds[r]), epoch, float(nll[r]), float(acc[r])))
+                        state_cols = ("", "") if summary is None else (
+                            f"{float(summary['h_p50'][r]):.4g}",
+                            f"{float(summary['sigma_p50'][r]):.4g}")
+                        rows.append((label, int(seeds[r]), epoch, float(nll[r]), float(acc[r]),
+                                     *state_cols))
                 bar.update(1)
                 nll_now = float(np.mean(out["mc" if method.is_ivon else "mean"][0]))
                 bar.set_postfix_str(f"{name} epoch {epoch}: test NLL {nll_now:.3f}")
@@ -101,7 +110,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / f"{stem}.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "seed", "epoch", "test_nll", "test_acc"])
+        w.writerow(["method", "seed", "epoch", "test_nll", "test_acc", "h_median",
+                    "sigma_median"])
         w.writerows(rows)
 
     labels = ["AdamW", "IVON@mean", "IVON"]
