@@ -15,8 +15,8 @@ from ivon_jax._src.grad import value_and_grad
 from ivon_jax._src.posterior import find_ivon_states
 from ivon_jax._src.posterior import posterior_std
 from ivon_jax._src.posterior import sample_params
-from ivon_jax._src.transform import IVONState
-from ivon_jax._src.transform import ScaleByIVONState
+from ivon_jax._src.state import IVONState
+from ivon_jax._src.state import ScaleByIVONState
 from ivon_jax._src.transform import ivon
 from ivon_jax._src.transform import scale_by_ivon
 from ivon_jax._src.wrappers import SkipNonFiniteState

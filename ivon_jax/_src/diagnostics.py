@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from ivon_jax._src import posterior
-from ivon_jax._src import transform
+from ivon_jax._src.state import hess_lower_bound
 from ivon_jax._src.wrappers import SkipNonFiniteState
 
 # The quantile levels reported for h and σ, with the suffix of their keys.
@@ -142,7 +142,7 @@ def state_summary(
     at_floor, negative, nonfinite = [], [], []
     for m in managed:
         h = m.hess
-        h_min = transform.hess_lower_bound(m.weight_decay.astype(h.dtype), h.dtype)
+        h_min = hess_lower_bound(m.weight_decay.astype(h.dtype), h.dtype)
         # The same comparison the update's clamp makes, so a clamped h counts exactly.
         at_floor.append(jnp.sum(h <= h_min, dtype=jnp.int32))
         negative.append(jnp.sum(h < 0, dtype=jnp.int32))

@@ -19,7 +19,7 @@ import optax
 from ivon_jax._src import estimators
 from ivon_jax._src import noise
 from ivon_jax._src import posterior
-from ivon_jax._src.transform import stats_dtype
+from ivon_jax._src.state import stats_dtype
 
 MODES = ("vmap", "scan")
 
@@ -45,6 +45,23 @@ def _device_key(key: jax.Array, axis_name: Hashable | None) -> jax.Array:
     return jax.random.fold_in(key, jax.lax.axis_index(axis_name))
 
 
+def _is_float(x: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def _mean_state(x: jax.Array) -> jax.Array:
+    # Rule for non-parameter state returned by S samples stacked on axis 0: floating-point
+    # leaves (batch statistics) are averaged, others (RNG counters) taken from sample 0.
+    if _is_float(x):
+        return jnp.mean(x.astype(_accum_dtype(x)), axis=0).astype(x.dtype)
+    return x[0]
+
+
+def _add_state(a: jax.Array, b: jax.Array) -> jax.Array:
+    # The same rule as a running sum inside lax.scan (divided by S afterwards).
+    return a + b if _is_float(a) else a
+
+
 def _sample_mean(
     fun: Callable[..., Any],
     has_aux: bool,
@@ -52,40 +69,72 @@ def _sample_mean(
     method: str,
     mode: str,
     generator: noise.Generator,
+    stateful: bool = False,
 ) -> Callable[..., Any]:
-    """(key, params, opt_state, args, kwargs) -> mean over S samples of (value, grads, hess),
-    summed in float32 or wider and returned in the dtypes of one sample."""
-    grad_fn = jax.value_and_grad(fun, has_aux=has_aux)
+    """(key, params, opt_state, state, args, kwargs) -> ((value, grads, hess), new_state):
+    the mean over S samples of (value, grads, hess), summed in float32 or wider and returned
+    in the dtypes of one sample.
 
-    def one_sample(key, params, opt_state, args, kwargs):
+    With ``stateful``, ``fun(params, state, index, *args, **kwargs)`` returns ``(value,
+    new_state)`` (``index``: the sample number s, uint32) and ``new_state`` is combined over
+    the samples by the rule of :func:`stateful_value_and_grad`; otherwise ``fun(params, *args,
+    **kwargs)`` returns ``value`` and ``new_state`` is None."""
+
+    def split_value(p, index, state, args, kwargs):
+        if stateful:
+            value, new_state = fun(p, state, index, *args, **kwargs)
+        else:
+            value, new_state = fun(p, *args, **kwargs), None
+        loss, aux = value if has_aux else (value, None)
+        return loss, (aux, new_state)
+
+    grad_fn = jax.value_and_grad(split_value, has_aux=True)
+
+    def one_sample(key, index, params, opt_state, state, args, kwargs):
         sampled, _ = posterior.sample_params(key, params, opt_state, generator=generator)
-        value, grads = grad_fn(sampled, *args, **kwargs)
+        (loss, (aux, new_state)), grads = grad_fn(sampled, index, state, args, kwargs)
+        value = (loss, aux) if has_aux else loss
         # sample_params' noise is exactly sampled - params; recomputing it here, after the
         # backward pass, lets XLA fuse it into the estimator instead of keeping a second
         # parameter-sized buffer alive through the backward pass.
         perturbation = jax.tree.map(jnp.subtract, sampled, params)
         hess = estimators.estimate_hessian(grads, perturbation, opt_state, method)
-        return value, grads, hess
+        return (value, grads, hess), new_state
 
-    def run(key, params, opt_state, args, kwargs):
+    def run(key, params, opt_state, state, args, kwargs):
         keys = jax.random.split(key, num_samples)
+        indices = jnp.arange(num_samples, dtype=jnp.uint32)
         if num_samples == 1:
-            return one_sample(keys[0], params, opt_state, args, kwargs)
+            return one_sample(keys[0], indices[0], params, opt_state, state, args, kwargs)
         if mode == "vmap":
-            outs = jax.vmap(one_sample, in_axes=(0, None, None, None, None))(
-                keys, params, opt_state, args, kwargs
+            outs, new_state = jax.vmap(one_sample, in_axes=(0, 0, None, None, None, None, None))(
+                keys, indices, params, opt_state, state, args, kwargs
             )
-            return jax.tree.map(
+            outs = jax.tree.map(
                 lambda x: jnp.mean(x.astype(_accum_dtype(x)), axis=0).astype(x.dtype), outs
             )
+            return outs, jax.tree.map(_mean_state, new_state)
 
-        def term(k):
-            out = one_sample(*_tied_to_loop(k, params, opt_state), args, kwargs)
-            return jax.tree.map(lambda x: x.astype(_accum_dtype(x)), out)
+        def term(inp):
+            k, i = inp
+            (k, i), p_, s_ = _tied_to_loop((k, i), params, opt_state)
+            out, new_state = one_sample(k, i, p_, s_, state, args, kwargs)
+            cast = lambda x: x.astype(_accum_dtype(x)) if _is_float(x) else x
+            return jax.tree.map(lambda x: x.astype(_accum_dtype(x)), out), jax.tree.map(
+                cast, new_state
+            )
 
-        total = _scan_sum(term, keys)
-        like = jax.eval_shape(one_sample, keys[0], params, opt_state, args, kwargs)
-        return jax.tree.map(lambda t, s: (t / num_samples).astype(s.dtype), total, like)
+        def add(a, b):
+            return jax.tree.map(jnp.add, a[0], b[0]), jax.tree.map(_add_state, a[1], b[1])
+
+        total, state_total = _scan_sum(term, (keys, indices), add)
+        like, state_like = jax.eval_shape(
+            one_sample, keys[0], indices[0], params, opt_state, state, args, kwargs
+        )
+        mean = lambda t, s: (t / num_samples).astype(s.dtype)
+        return jax.tree.map(mean, total, like), jax.tree.map(
+            lambda t, s: mean(t, s) if _is_float(s) else t, state_total, state_like
+        )
 
     return run
 
@@ -98,12 +147,17 @@ def _tied_to_loop(index: Any, params: Any, opt_state: Any) -> tuple[Any, Any, An
     return jax.lax.optimization_barrier((index, params, opt_state))
 
 
-def _scan_sum(term: Callable[[Any], Any], xs: Any) -> Any:
+def _scan_sum(
+    term: Callable[[Any], Any], xs: Any, add: Callable[[Any, Any], Any] | None = None
+) -> Any:
     """Σ_i term(xs[i]) with ``lax.scan``; memory does not grow with the number of terms.
+
+    ``add(acc, term)`` combines two terms (default: leaf-wise ``+``).
 
     The carry starts from the first term rather than from zeros, so it has the same
     device-variance type as the terms under ``shard_map``.
     """
+    combine = add if add is not None else (lambda a, b: jax.tree.map(jnp.add, a, b))
     n = jax.tree.leaves(xs)[0].shape[0]
     first = term(jax.tree.map(lambda x: x[0], xs))
     if n == 1:
@@ -111,7 +165,7 @@ def _scan_sum(term: Callable[[Any], Any], xs: Any) -> Any:
 
     def body(acc, i):
         # Index inside the loop: slicing xs[1:] up front would copy the inputs.
-        return jax.tree.map(jnp.add, acc, term(jax.tree.map(lambda x: x[i], xs))), None
+        return combine(acc, term(jax.tree.map(lambda x: x[i], xs))), None
 
     total, _ = jax.lax.scan(body, first, jnp.arange(1, n))
     return total
@@ -173,12 +227,80 @@ def value_and_grad(
         key: jax.Array, params: optax.Params, opt_state: optax.OptState, *args: Any, **kwargs: Any
     ) -> tuple[Any, optax.Updates, optax.Updates]:
         key = _device_key(key, axis_name)
-        value, grads, hess = mean_fn(key, params, opt_state, args, kwargs)
+        (value, grads, hess), _ = mean_fn(key, params, opt_state, None, args, kwargs)
         if axis_name is not None:
             loss = value[0] if has_aux else value
             loss, grads, hess = jax.lax.pmean((loss, grads, hess), axis_name)
             value = (loss, value[1]) if has_aux else loss
         return value, grads, hess
+
+    return wrapped
+
+
+def sample_key(key: jax.Array, index: jax.Array, num_samples: int) -> jax.Array:
+    """The key a weight sample uses for a stream of its own randomness (dropout).
+
+    With one sample the key is returned as it is, so that a model draws exactly what it would
+    draw without IVON; with S > 1, sample s uses ``fold_in(key, s)`` (for a key array of any
+    shape, each key folded), so the samples draw independent masks.
+    """
+    if num_samples == 1:
+        return key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim:
+        folded = jax.vmap(jax.random.fold_in, in_axes=(0, None))(key.reshape(-1), index)
+        return folded.reshape(key.shape)
+    return jax.random.fold_in(key, index)
+
+
+def stateful_value_and_grad(
+    fun: Callable[..., Any],
+    num_samples: int = 1,
+    has_aux: bool = False,
+    axis_name: Hashable | None = None,
+    *,
+    method: Literal["price", "gradsq"] = "price",
+    mode: Literal["vmap", "scan"] = "vmap",
+    generator: noise.Generator = "fast",
+) -> Callable[..., tuple[Any, optax.Updates, optax.Updates, Any]]:
+    r""":func:`value_and_grad` for a loss that also updates non-parameter state.
+
+    ``fun(θ_s, state, s, *args, **kwargs) -> (value, new_state)`` is evaluated at the S
+    samples of :func:`value_and_grad` (same keys, same averages of value, grads and hess);
+    ``s`` is the sample number (uint32), for per-sample randomness with :func:`sample_key`.
+    The S new states are combined leaf by leaf:
+
+    * floating-point leaves (batch statistics) are *averaged* over the samples (summed in
+      float32 or wider) and, with ``axis_name``, over devices (``lax.pmean``), so every device
+      holds the same state;
+    * other leaves (integer RNG counters, keys) are taken from sample 0 — they are the same for
+      every sample, since the samples run the same program.
+
+    With S = 1 the new state is the sample's own, exactly.
+
+    Returns:
+      ``(key, params, opt_state, state, *args, **kwargs) -> (value, grads, hess, new_state)``.
+    """
+    _check_options(num_samples, mode, method, generator)
+    mean_fn = _sample_mean(fun, has_aux, num_samples, method, mode, generator, stateful=True)
+
+    def wrapped(
+        key: jax.Array,
+        params: optax.Params,
+        opt_state: optax.OptState,
+        state: Any,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[Any, optax.Updates, optax.Updates, Any]:
+        key = _device_key(key, axis_name)
+        (value, grads, hess), new_state = mean_fn(key, params, opt_state, state, args, kwargs)
+        if axis_name is not None:
+            loss = value[0] if has_aux else value
+            loss, grads, hess = jax.lax.pmean((loss, grads, hess), axis_name)
+            value = (loss, value[1]) if has_aux else loss
+            new_state = jax.tree.map(
+                lambda x: jax.lax.pmean(x, axis_name) if _is_float(x) else x, new_state
+            )
+        return value, grads, hess, new_state
 
     return wrapped
 
@@ -271,7 +393,7 @@ def accumulated_value_and_grad(
 
         def weighted(j, mb, b, tie=False):
             j, p_, s_ = _tied_to_loop(j, params, opt_state) if tie else (j, params, opt_state)
-            out = mean_fn(jax.random.fold_in(key, j), p_, s_, (mb, *args), kwargs)
+            out, _ = mean_fn(jax.random.fold_in(key, j), p_, s_, None, (mb, *args), kwargs)
             dtypes[:] = [jax.tree.map(lambda x: x.dtype, out)]
             return jax.tree.map(lambda x: b.astype(_accum_dtype(x)) * x.astype(_accum_dtype(x)),
                                 out)

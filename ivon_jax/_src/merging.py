@@ -34,7 +34,7 @@ import optax
 
 from ivon_jax._src import checks
 from ivon_jax._src import posterior
-from ivon_jax._src.transform import stats_dtype
+from ivon_jax._src.state import stats_dtype
 
 UNITS = ("precision", "data", "per_example")
 

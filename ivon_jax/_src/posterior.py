@@ -11,7 +11,7 @@ import optax
 
 from ivon_jax._src import checks
 from ivon_jax._src import noise
-from ivon_jax._src.transform import IVONState
+from ivon_jax._src.state import IVONState
 
 
 class Managed(NamedTuple):

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from ivon_jax._src import posterior
-from ivon_jax._src.transform import stats_dtype
+from ivon_jax._src.state import stats_dtype
 
 Member = tuple[optax.Params, optax.OptState]
 

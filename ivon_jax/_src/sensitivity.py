@@ -38,7 +38,7 @@ import optax
 
 from ivon_jax._src import checks
 from ivon_jax._src import posterior
-from ivon_jax._src.transform import stats_dtype
+from ivon_jax._src.state import stats_dtype
 
 LOSSES = ("cross_entropy", "squared")
 

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import optax
 from optax._src import numerics
 
+from ivon_jax._src.state import IVONState
+
 
 class SkipNonFiniteState(NamedTuple):
     """State of :func:`skip_nonfinite`."""
@@ -19,9 +21,6 @@ class SkipNonFiniteState(NamedTuple):
 
 
 def _is_ivon_state(x: Any) -> bool:
-    # Imported here: transform.py imports this module to build ivon(..., skip_nonfinite).
-    from ivon_jax._src.transform import IVONState
-
     return isinstance(x, IVONState)
 
 

@@ -1,0 +1,63 @@
+"""IVON's state and the dtype rules for its statistics.
+
+The lowest layer: the transform (``transform.py``), its wrappers, the posterior and every
+downstream tool read these; this module imports nothing from ``ivon_jax``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class IVONState(NamedTuple):
+    """State of :func:`scale_by_ivon`: everything that defines the posterior's σ.
+
+    Its structure and dtypes never change between steps, so it can be carried through
+    ``lax.scan``/``lax.cond`` and checkpointed. It holds no noise and no copy of the parameters.
+    """
+
+    count: jax.Array  # shape=(), int32: number of updates applied (the t in 1 - b1^t)
+    momentum: optax.Updates  # g: like params, dtype promote(param, float32)
+    hess: optax.Updates  # h: like params, dtype promote(param, float32)
+    ess: jax.Array  # shape=(), canonical float: λ used for σ = 1 / sqrt(λ (h + δ))
+    weight_decay: jax.Array  # shape=(), canonical float: δ used for σ
+
+
+ScaleByIVONState = IVONState
+
+
+def stats_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype of IVON's statistics for a parameter of ``dtype``: float32 or wider.
+
+    With b2 = 0.99999 an increment of h is 1e-5 of its value, below bfloat16's resolution
+    (2^-8), so a bfloat16 h would never move.
+    """
+    dtype = jnp.dtype(jax.dtypes.canonicalize_dtype(dtype))  # float64 → float32 without x64
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits >= 32:
+        return dtype
+    return jnp.dtype(jnp.float32)
+
+
+def hess_lower_bound(weight_decay: jax.Array, dtype: Any) -> jax.Array:
+    """The smallest h that :func:`scale_by_ivon`'s update keeps: h is clamped to at least this.
+
+    It is ``floor - δ`` with ``floor = max(tiny, 4 eps δ)`` in ``dtype``: h + δ, which can
+    underflow or cancel to 0 in floating point, stays about ``floor`` > 0 (4 eps δ exceeds the
+    rounding of ``floor - δ``). :func:`ivon_jax.state_summary` counts the elements held here.
+
+    Args:
+      weight_decay: δ, a scalar in ``dtype``.
+      dtype: the statistics' dtype (h's dtype).
+    """
+    floor = jnp.maximum(jnp.finfo(dtype).tiny, 4 * jnp.finfo(dtype).eps * weight_decay)
+    return floor - weight_decay
+
+
+def scalar_dtype() -> jnp.dtype:
+    """float64 when x64 is enabled, float32 otherwise."""
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
