@@ -327,11 +327,9 @@ def test_nnx_batch_stats_and_rngs_are_not_perturbed():
         np.testing.assert_array_equal(a, b)  # the model itself is untouched
 
     model.train()  # BatchNorm would update its statistics, Dropout its RNG: a clear error
-    with pytest.raises(ValueError, match=r"model\.eval\(\)"):
+    with pytest.raises(ValueError, match=r"BatchNorm_0.*model\.eval\(\)"):
         nnx_predict_proba(key, model, optimizer, X, num_samples=S, chunk_size=CHUNK)
-    vg = ivon_nnx.value_and_grad(lambda m, x: jnp.mean(m(x) ** 2))
-    with pytest.raises(ValueError, match="BatchNorm_0"):
-        vg(key, model, optimizer, X)
+    # (Training in this mode writes the changes back: tests/test_flax_stateful.py.)
     for a, b in zip(_leaves_np(nnx.state(model)), before, strict=True):
         np.testing.assert_array_equal(a, b)
 

@@ -1,22 +1,24 @@
-r"""IVON for Flax NNX: weight samples and Monte-Carlo predictions for an ``nnx.Module``.
+r"""IVON for Flax NNX: training (Dropout, BatchNorm included), weight samples, MC predictions.
 
-Training needs nothing from this module: ``nnx.Optimizer`` forwards extra keyword arguments to
-the transform, so ``nnx.Optimizer(model, ivon_jax.ivon(...), wrt=nnx.Param)`` and
-``optimizer.update(model, grads, hess=hess)`` work as they are. This module adds the NNX
-spelling of the rest:
+``nnx.Optimizer`` forwards extra keyword arguments to the transform, so
+``nnx.Optimizer(model, ivon_jax.ivon(...), wrt=nnx.Param)`` and ``optimizer.update(model,
+grads, hess=hess)`` work as they are. This module adds the NNX spelling of the rest:
 
-* :func:`value_and_grad` — :func:`ivon_jax.value_and_grad` for a loss of the model;
+* :func:`value_and_grad` — :func:`ivon_jax.value_and_grad` for a loss of the model, in
+  ``model.train()`` mode too: Dropout with the module's own ``rngs`` (each weight sample draws
+  its own mask) and BatchNorm batch statistics (the average of the samples' updates) are
+  written back to the model, as ``nnx.value_and_grad`` would;
 * :func:`sampled_model` — a copy of the model with one set of weights drawn from q;
 * :func:`predict_proba`, :func:`predict_regression` — the Monte-Carlo predictive, vectorised
   over samples in chunks; :func:`mixture_predict_proba`, :func:`mixture_predict_regression` —
   Multi-IVON.
 
 Only the variables the optimizer trains (``optimizer.wrt``, normally ``nnx.Param``) are
-perturbed; ``nnx.BatchStat``, RNG state and every other variable are passed through unchanged.
-The model is evaluated through a functional copy (``nnx.split``/``nnx.merge``): the model you
-pass is never modified, and a forward pass that *changes* non-parameter state (BatchNorm in
-training mode updating its statistics, Dropout drawing from the module's own RNG stream) raises
-an error instead of being silently dropped — call ``model.eval()`` before predicting.
+perturbed; ``nnx.BatchStat``, RNG state and every other variable are never sampled. Prediction
+evaluates a functional copy of the model (``nnx.split``/``nnx.merge``) and never modifies the
+model you pass: a forward pass that *changes* non-parameter state there (a model still in
+training mode) raises an error instead of being silently dropped — call ``model.eval()`` before
+predicting.
 
 BatchNorm is a poor fit for IVON: the paper reports that IVON "does not go well with batch
 normalization layers" and trains its ImageNet ResNet-50 with Filter Response Normalisation
@@ -24,7 +26,8 @@ normalization layers" and trains its ImageNet ResNet-50 with Filter Response Nor
 with every weight sample, so running averages collected at one set of weights do not match
 another, and in training mode each sample renormalises part of its perturbation away. Prefer
 normalisations without batch statistics — ``nnx.LayerNorm``, ``nnx.GroupNorm`` or FRN — or
-none for small models.
+none for small models. BatchNorm still works: :func:`value_and_grad` updates its running
+averages with the mean of the S samples' batch statistics.
 
 Example::
 
@@ -33,7 +36,8 @@ Example::
     import ivon_jax
     from ivon_jax.flax import nnx as ivon_nnx
 
-    model = MyModel(rngs=nnx.Rngs(0))
+    model = MyModel(rngs=nnx.Rngs(0))  # may hold nnx.Dropout(rate, rngs=rngs), nnx.BatchNorm
+    model.train()
     optimizer = nnx.Optimizer(model, ivon_jax.ivon(0.2, ess=n_train), wrt=nnx.Param)
     vg = ivon_nnx.value_and_grad(lambda m, x, y: cross_entropy(m(x), y))
 
@@ -111,10 +115,10 @@ def _functional(
             raise ValueError(
                 "ivon_jax: the model's forward pass changed variables that IVON does not "
                 f"sample ({', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''}). "
-                "ivon_jax evaluates a functional copy of the model per weight sample and cannot "
-                "write such changes back. Call `model.eval()` (BatchNorm running averages, "
-                "Dropout) or give Dropout an explicit key inside the loss, e.g. "
-                "`model(x, rngs=nnx.Rngs(dropout=key))`."
+                "Prediction evaluates a functional copy of the model per weight sample and "
+                "writes nothing back: call `model.eval()` first (BatchNorm running averages, "
+                "Dropout). Training in `model.train()` mode goes through "
+                "`ivon_jax.flax.nnx.value_and_grad`, which writes such changes back."
             )
         return out
 
@@ -123,6 +127,45 @@ def _functional(
 
 def _call_module(module: nnx.Module, *inputs: Any) -> Any:
     return module(*inputs)
+
+
+def _stateful_functional(
+    model: nnx.Module, wrt: Any, call: Callable[..., Any], num_samples: int
+) -> tuple[Callable[..., Any], nnx.State, tuple[nnx.State, nnx.State]]:
+    """``(fun, params, (keys, rest))`` for :func:`ivon_jax._src.grad.stateful_value_and_grad`.
+
+    ``fun(p, (keys, rest), s, *args, **kwargs)`` runs ``call`` on a copy of the model with the
+    trained variables ``p``, the RNG stream keys ``keys`` (``nnx.RngKey``) made per-sample with
+    :func:`grad.sample_key` and the other variables ``rest``; it returns ``(value, changed)``
+    with ``changed`` the list of ``rest``'s leaves, each the new value if the forward pass
+    changed it and None otherwise (so unchanged leaves are never averaged or rewritten).
+    """
+    graphdef, params, keys, rest = nnx.split(model, wrt, nnx.RngKey, ...)
+    rest_def = jax.tree.structure(rest)
+
+    def fun(p: Any, state: Any, index: jax.Array, *args: Any, **kwargs: Any) -> Any:
+        keys, rest = state
+        keys = jax.tree.map(lambda k: grad.sample_key(k, index, num_samples), keys)
+        copy = nnx.merge(graphdef, p, keys, rest, copy=True)
+        out = call(copy, *args, **kwargs)
+        _, _, new_keys, new_rest = nnx.split(copy, wrt, nnx.RngKey, ...)
+        if jax.tree.structure(new_rest) != rest_def or any(
+            new is not old
+            for old, new in zip(jax.tree.leaves(keys), jax.tree.leaves(new_keys), strict=True)
+        ):
+            raise ValueError(
+                "ivon_jax: the model's forward pass added or removed variables, or replaced an "
+                "RNG stream's key; ivon_jax.flax.nnx.value_and_grad writes back updated "
+                "values of existing variables only (batch statistics, RNG counters)."
+            )
+        old_leaves = jax.tree.leaves(rest)
+        changed = [
+            new if new is not old else None
+            for old, new in zip(old_leaves, jax.tree.leaves(new_rest), strict=True)
+        ]
+        return out, changed
+
+    return fun, params, (keys, rest)
 
 
 def value_and_grad(
@@ -136,7 +179,7 @@ def value_and_grad(
     generator: noise.Generator = "fast",
     wrt: Any = None,
 ) -> Callable[..., tuple[Any, nnx.State, nnx.State]]:
-    r""":func:`ivon_jax.value_and_grad` for a loss of an NNX model.
+    r""":func:`ivon_jax.value_and_grad` for a loss of an NNX model, in training mode too.
 
     Returns a function ``(key, model, optimizer, *args, **kwargs) -> (value, grads, hess)``
     that evaluates ``loss_fn(model_s, *args, **kwargs)`` at S copies of the model whose
@@ -146,16 +189,45 @@ def value_and_grad(
     ``nnx.state(model, optimizer.wrt)``, ready for ``optimizer.update(model, grads,
     hess=hess)``.
 
+    Non-parameter state that the forward pass updates is written back to ``model``, as
+    ``nnx.value_and_grad`` would (the trained variables are left to ``optimizer.update``):
+
+    * **RNG streams** (``nnx.Dropout(rngs=...)`` and other users of the module's own
+      ``nnx.Rngs``): with S = 1 the streams are used as they are, so a step draws the masks
+      a plain ``model(x)`` would; with S > 1 sample s draws from each stream as if its key
+      were ``jax.random.fold_in(key, s)``, so every weight sample gets its own dropout
+      mask. The stream keys are never changed and each counter advances once per draw, as
+      after one forward pass: the next step draws fresh masks, deterministically.
+    * **Batch statistics** (``nnx.BatchNorm`` in training mode) and any other
+      floating-point variable: the *average* of the S updated values,
+
+      .. math:: \mu \leftarrow \frac1S \sum_{s=1}^S \big(\rho\,\mu + (1-\rho)\,
+                \bar a(\theta_s)\big) = \rho\,\mu + (1-\rho)\,\frac1S\sum_s
+                \bar a(\theta_s),
+
+      a running average of the batch statistics *in expectation over q* — the statistics
+      the prediction (which uses one set of running averages for all weight samples) needs.
+      It is independent of the order of the samples (``"vmap"`` and ``"scan"`` agree), uses
+      all S samples rather than one, and with S = 1 is exactly BatchNorm's own update. With
+      ``axis_name`` the statistics are also averaged over devices (``lax.pmean``), so the
+      replicated model stays identical everywhere (Flax's usual ``sync_batch_stats``).
+    * Other non-float variables that change (integer counters) take sample 0's value.
+
+    The forward pass must not add or remove variables (pop ``nnx.Intermediate`` values
+    inside ``loss_fn``). Prediction (:func:`predict_proba`, ...) is unchanged: it runs in
+    ``model.eval()`` mode and refuses state changes.
+
     Args:
       loss_fn: ``loss_fn(model, *args, **kwargs) -> scalar`` (or ``(scalar, aux)`` with
-        ``has_aux``): the *mean* loss over the minibatch. Its forward pass must not change
-        non-parameter state (see the module docstring).
+        ``has_aux``): the *mean* loss over the minibatch.
       num_samples: S ≥ 1 weight samples per step.
-      has_aux: whether ``loss_fn`` returns ``(value, aux)``.
+      has_aux: whether ``loss_fn`` returns ``(value, aux)``; ``aux`` is averaged over the
+        samples.
       axis_name: the mapped axis inside ``pmap``/``shard_map`` (each device draws its own
-        noise; grads and hess are averaged over the axis).
+        weight noise; grads, hess and batch statistics are averaged over the axis).
       method: Hessian estimator, ``"price"`` (default) or ``"gradsq"``.
-      mode: ``"vmap"`` (samples in parallel) or ``"scan"`` (one after another).
+      mode: ``"vmap"`` (samples in parallel) or ``"scan"`` (one after another); the results
+        agree up to float rounding.
       generator: the Gaussian generator, ``"fast"`` (default) or ``"threefry"``, as in
         :func:`ivon_jax.value_and_grad`.
       wrt: the filter of the trained variables; default ``optimizer.wrt`` (``nnx.Param``
@@ -163,11 +235,12 @@ def value_and_grad(
 
     Returns:
       A function ``(key, model, optimizer, *args, **kwargs) -> (value, grads, hess)``, where
-      ``optimizer`` is an ``nnx.Optimizer`` or its ``opt_state``.
+      ``optimizer`` is an ``nnx.Optimizer`` or its ``opt_state``; it updates ``model``'s
+      non-parameter state in place.
 
     Raises:
-      ValueError: if ``num_samples < 1``, or (when called) if the forward pass changes
-        non-parameter variables.
+      ValueError: if ``num_samples < 1``, or (when called) if the forward pass adds or
+        removes variables.
 
     Example:
       >>> import jax, jax.numpy as jnp, ivon_jax
@@ -181,7 +254,7 @@ def value_and_grad(
     """
 
     def core(fun: Callable[..., Any]) -> Callable[..., Any]:
-        return grad.value_and_grad(
+        return grad.stateful_value_and_grad(
             fun, num_samples, has_aux, axis_name, method=method, mode=mode, generator=generator
         )
 
@@ -191,8 +264,16 @@ def value_and_grad(
         key: jax.Array, model: nnx.Module, optimizer: OptimizerLike, *args: Any, **kwargs: Any
     ) -> tuple[Any, nnx.State, nnx.State]:
         opt_state, filt = _state_and_filter(optimizer, wrt)
-        fun, params = _functional(model, filt, loss_fn)
-        return core(fun)(key, params, opt_state, *args, **kwargs)
+        fun, params, (keys, rest) = _stateful_functional(model, filt, loss_fn, num_samples)
+        value, grads, hess, changed = core(fun)(
+            key, params, opt_state, (keys, rest), *args, **kwargs
+        )
+        if any(c is not None for c in changed):
+            leaves = [
+                o if c is None else c for o, c in zip(jax.tree.leaves(rest), changed, strict=True)
+            ]
+            nnx.update(model, jax.tree.unflatten(jax.tree.structure(rest), leaves))
+        return value, grads, hess
 
     return wrapped
 
