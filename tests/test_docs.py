@@ -1,0 +1,127 @@
+"""The documentation builds offline with warnings as errors, documents every public name, and
+the examples in the docstrings run.
+
+The Sphinx build runs in a subprocess into a temporary folder (``docs/`` is never written to);
+the notebooks are rendered from their stored outputs (``tests/test_notebooks.py`` executes
+them). The docstring examples run in this process, so they see ``conftest.py``'s strict dtype
+and rank promotion and its 8 simulated devices, and pytest's warnings-as-errors.
+"""
+
+import doctest
+import importlib
+import pkgutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import ivon_jax
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+
+# API page (docs/api/<page>.html) of each public module.
+API_PAGES = {
+    "ivon_jax": "ivon_jax",
+    "ivon_jax.metrics": "metrics",
+    "ivon_jax.predictive": "predictive",
+    "ivon_jax.merging": "merging",
+    "ivon_jax.sensitivity": "sensitivity",
+    "ivon_jax.flax.nnx": "flax_nnx",
+    "ivon_jax.flax.linen": "flax_linen",
+}
+GUIDE_PAGES = [
+    "training",
+    "prediction",
+    "scaling",
+    "checkpointing",
+    "nonfinite",
+    "performance",
+    "hyperparameters",
+    "merging_sensitivity",
+    "evidence",
+    "correctness",
+]
+NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
+
+
+def _public_names() -> list[tuple[str, str]]:
+    """(module, name) for every public function or class, modules themselves excluded."""
+    names = []
+    for module_name in API_PAGES:
+        module = importlib.import_module(module_name)
+        for name in module.__all__:
+            if not isinstance(getattr(module, name), types.ModuleType):
+                names.append((module_name, name))
+    return names
+
+
+def test_every_public_module_has_an_api_page():
+    """Every public module named in ``ivon_jax.__all__`` or ``ivon_jax.flax.__all__`` has a page."""
+    public_modules = {"ivon_jax"}
+    for parent in (ivon_jax, importlib.import_module("ivon_jax.flax")):
+        for name in parent.__all__:
+            obj = getattr(parent, name)
+            if isinstance(obj, types.ModuleType):
+                public_modules.add(obj.__name__)
+    assert public_modules == set(API_PAGES)
+
+
+@pytest.fixture(scope="module")
+def html(tmp_path_factory) -> Path:
+    for package in ("sphinx", "myst_nb", "sphinx_book_theme"):
+        pytest.importorskip(package, reason='the docs need pip install -e ".[docs]"')
+    out = tmp_path_factory.mktemp("docs")
+    cmd = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html"]
+    cmd += ["-d", str(out / "doctrees"), str(DOCS), str(out / "html")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"sphinx-build -W failed:\n{proc.stdout}\n{proc.stderr}"
+    return out / "html"
+
+
+def test_docs_build_without_warnings(html):
+    assert (html / "index.html").is_file()
+    assert (html / "getting_started.html").is_file()
+    for page in GUIDE_PAGES:
+        assert (html / "guide" / f"{page}.html").is_file(), page
+    for page in API_PAGES.values():
+        assert (html / "api" / f"{page}.html").is_file(), page
+
+
+@pytest.mark.parametrize("module_name,name", _public_names(), ids=lambda x: x)
+def test_public_name_is_documented(html, module_name, name):
+    page = (html / "api" / f"{API_PAGES[module_name]}.html").read_text(encoding="utf-8")
+    assert f'id="{module_name}.{name}"' in page, f"{module_name}.{name} is not in the API docs"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS)
+def test_notebook_is_rendered_with_its_figures(html, notebook):
+    page = html / "notebooks" / f"{notebook}.html"
+    assert page.is_file(), f"notebooks/{notebook}.ipynb is not in the docs (docs/notebooks/)"
+    assert "<img" in page.read_text(encoding="utf-8"), f"{notebook}: no figure rendered"
+
+
+def _docstring_tests(module_name: str) -> list[doctest.DocTest]:
+    module = importlib.import_module(module_name)
+    return [t for t in doctest.DocTestFinder().find(module, module_name) if t.examples]
+
+
+def _modules_with_examples() -> list[str]:
+    names = ["ivon_jax"]
+    for info in pkgutil.walk_packages(ivon_jax.__path__, prefix="ivon_jax."):
+        names.append(info.name)
+    return sorted(name for name in names if _docstring_tests(name))
+
+
+@pytest.mark.parametrize("module_name", _modules_with_examples())
+def test_docstring_examples(module_name):
+    flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    runner = doctest.DocTestRunner(optionflags=flags)
+    report: list[str] = []
+    for test in _docstring_tests(module_name):
+        runner.run(test, out=report.append)
+    result = runner.summarize(verbose=False)
+    assert result.attempted > 0
+    assert result.failed == 0, "".join(report)
