@@ -1,14 +1,18 @@
 """Sphinx configuration for the ivon_jax documentation.
 
 Build offline with warnings as errors (no intersphinx: it would fetch inventories over the
-network; notebooks are rendered from their stored outputs, the test suite executes them):
+network; notebooks are rendered from their stored outputs, the test suite executes them; MathJax
+is shipped with the pages by sphinx-mathjax-offline, so the maths renders offline too):
 
     pip install -e ".[docs]" && sphinx-build -W -b html docs docs/_build/html
 """
 
+import importlib
+import inspect
 from pathlib import Path
 
 from sphinx import addnodes
+from sphinx.util.docutils import SphinxDirective
 
 import ivon_jax
 
@@ -24,6 +28,7 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # MathJax 3 shipped with the docs: the maths renders offline
 ]
 
 source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb", ".rst": "restructuredtext"}
@@ -42,6 +47,13 @@ autosummary_generate = False
 autodoc_default_options = {"member-order": "bysource"}
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
+# Show optax's aliases by name, not expanded into their unions (ScalarOrSchedule is 8 lines).
+autodoc_type_aliases = {
+    name: name
+    for name in ("optax.ScalarOrSchedule", "optax.Params", "optax.OptState", "optax.Updates")
+}
+# One parameter per line once a signature is longer than this.
+python_maximum_signature_line_length = 88
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
@@ -70,5 +82,27 @@ def _relink_notebooks(app, doctree):
             node["reftarget"] = "notebooks/" + target[len(str(_NOTEBOOKS_DIR)) + 1 :]
 
 
+class ModuleAPI(SphinxDirective):
+    """``.. module-api:: ivon_jax.metrics``: a module's docstring, an autosummary table of its
+    ``__all__`` and one autodoc entry per name, in ``__all__``'s order.
+
+    The page follows ``__all__``, so a new public name is documented without editing it.
+    """
+
+    required_arguments = 1
+
+    def run(self):
+        name = self.arguments[0]
+        module = importlib.import_module(name)
+        names = [n for n in module.__all__ if not inspect.ismodule(getattr(module, n))]
+        lines = [f".. automodule:: {name}", "", f".. currentmodule:: {name}", ""]
+        lines += [".. autosummary::", ""] + [f"   {n}" for n in names] + [""]
+        for n in names:
+            kind = "autoclass" if inspect.isclass(getattr(module, n)) else "autofunction"
+            lines += [f".. {kind}:: {n}", ""]
+        return self.parse_text_to_nodes("\n".join(lines))
+
+
 def setup(app):
     app.connect("doctree-read", _relink_notebooks)
+    app.add_directive("module-api", ModuleAPI)
