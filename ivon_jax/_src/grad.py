@@ -237,19 +237,24 @@ def value_and_grad(
     return wrapped
 
 
-def sample_key(key: jax.Array, index: jax.Array, num_samples: int) -> jax.Array:
+def sample_key(
+    key: jax.Array, index: jax.Array, num_samples: int, axis_name: Hashable | None = None
+) -> jax.Array:
     """The key a weight sample uses for a stream of its own randomness (dropout).
 
-    With one sample the key is returned as it is, so that a model draws exactly what it would
-    draw without IVON; with S > 1, sample s uses ``fold_in(key, s)`` (for a key array of any
-    shape, each key folded), so the samples draw independent masks.
+    With one sample on one device the key is returned as it is, so that a model draws exactly
+    what it would draw without IVON; with S > 1, sample s uses ``fold_in(key, s)`` (for a key
+    array of any shape, each key folded), so the samples draw independent masks. With
+    ``axis_name`` the device index is folded in first, so devices draw their own masks too.
     """
-    if num_samples == 1:
-        return key
+    fold = lambda k, i: jax.random.fold_in(k, i)
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim:
-        folded = jax.vmap(jax.random.fold_in, in_axes=(0, None))(key.reshape(-1), index)
-        return folded.reshape(key.shape)
-    return jax.random.fold_in(key, index)
+        fold = lambda k, i: jax.vmap(jax.random.fold_in, in_axes=(0, None))(
+            k.reshape(-1), i
+        ).reshape(k.shape)
+    if axis_name is not None:
+        key = fold(key, jax.lax.axis_index(axis_name))
+    return key if num_samples == 1 else fold(key, index)
 
 
 def stateful_value_and_grad(

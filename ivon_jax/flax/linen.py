@@ -1,10 +1,15 @@
-r"""IVON for Flax Linen: a ``TrainState`` that passes ``hess`` on, and the MC predictive.
+r"""IVON for Flax Linen: a ``TrainState`` that passes ``hess`` on, training with mutable
+collections, and the MC predictive.
 
 Linen's ``TrainState.apply_gradients`` calls ``tx.update(grads, opt_state, params)`` and has no
 way to pass IVON's Hessian estimate; :class:`TrainState` is the same class with
-``apply_gradients(grads=..., hess=...)``. The predictive functions take Linen's
-``apply_fn(variables, *inputs)`` and a variables dict; only ``variables["params"]`` is
-perturbed, every other collection (``batch_stats``, ``cache``, ...) is passed through unchanged.
+``apply_gradients(grads=..., hess=...)`` and a ``batch_stats`` field. A model without
+Dropout or BatchNorm trains with :func:`ivon_jax.value_and_grad` on ``params``; one with them
+trains with :func:`value_and_grad`, which passes ``rngs={"dropout": ...}`` (a mask per weight
+sample) and returns the ``batch_stats`` updated by ``apply(..., mutable=["batch_stats"])``,
+averaged over the samples. The predictive functions take Linen's ``apply_fn(variables,
+*inputs)`` and a variables dict; only ``variables["params"]`` is perturbed, every other
+collection (``batch_stats``, ``cache``, ...) is passed through unchanged.
 
 BatchNorm is a poor fit for IVON: the paper reports that IVON "does not go well with batch
 normalization layers" and trains its ImageNet ResNet-50 with Filter Response Normalisation
@@ -12,8 +17,10 @@ normalization layers" and trains its ImageNet ResNet-50 with Filter Response Nor
 with every weight sample, so running averages collected at one set of weights do not match
 another, and in training mode each sample renormalises part of its perturbation away. Prefer
 normalisations without batch statistics — ``nn.LayerNorm``, ``nn.GroupNorm`` or FRN — or none
-for small models. If a model does use BatchNorm, evaluate it with ``use_running_average=True``
-(for example ``functools.partial(model.apply, train=False)`` as ``apply_fn``).
+for small models. If a model does use BatchNorm, train it with :func:`value_and_grad` (the
+running averages get the mean of the S samples' batch statistics) and evaluate it with
+``use_running_average=True`` (for example ``functools.partial(model.apply, train=False)`` as
+``apply_fn``).
 
 Example::
 
@@ -33,6 +40,26 @@ Example::
     probs = ivon_linen.predict_proba(key, state.apply_fn, {"params": state.params},
                                      state.opt_state, x_test, num_samples=64)
 
+With Dropout and BatchNorm (``model(x, train)``)::
+
+    state = ivon_linen.TrainState.create(
+        apply_fn=model.apply, params=variables["params"],
+        batch_stats=variables["batch_stats"], tx=ivon_jax.ivon(0.2, ess=n_train))
+
+    def loss_fn(params, batch_stats, rngs, x, y):
+        logits, updates = state.apply_fn({"params": params, "batch_stats": batch_stats}, x,
+                                         train=True, rngs=rngs, mutable=["batch_stats"])
+        return cross_entropy(logits, y), updates["batch_stats"]
+
+    vg = ivon_linen.value_and_grad(loss_fn, num_samples=2)
+
+    @jax.jit
+    def train_step(state, key, x, y):
+        key, dropout_key = jax.random.split(key)
+        loss, grads, hess, batch_stats = vg(key, state.params, state.opt_state,
+                                            state.batch_stats, {"dropout": dropout_key}, x, y)
+        return state.apply_gradients(grads=grads, hess=hess, batch_stats=batch_stats), loss
+
 References:
   Shen et al., "Variational Learning is Effective for Large Deep Networks", ICML 2024.
 """
@@ -40,15 +67,19 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Hashable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
+from typing import Literal
 
 import jax
 import optax
 from flax.core import FrozenDict
 from flax.training import train_state
 
+from ivon_jax._src import grad
+from ivon_jax._src import noise
 from ivon_jax._src import posterior
 from ivon_jax._src import predictive
 
@@ -59,6 +90,7 @@ __all__ = [
     "predict_proba",
     "predict_regression",
     "sample_variables",
+    "value_and_grad",
 ]
 
 Variables = Mapping[str, Any]
@@ -69,6 +101,9 @@ class TrainState(train_state.TrainState):
 
     Create it as Flax's (``TrainState.create(apply_fn=..., params=..., tx=...)``) with ``tx``
     an optax transform containing :func:`ivon_jax.ivon` or :func:`ivon_jax.scale_by_ivon`.
+    Like the ``TrainState`` of Flax's ImageNet example it carries ``batch_stats`` (default
+    None): pass ``batch_stats=variables["batch_stats"]`` to ``create`` for a model with
+    BatchNorm, and the new statistics from :func:`value_and_grad` to ``apply_gradients``.
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, ivon_jax
@@ -84,6 +119,8 @@ class TrainState(train_state.TrainState):
       >>> state = state.apply_gradients(grads=grads, hess=hess)
     """
 
+    batch_stats: Any = None
+
     def apply_gradients(  # type: ignore[override]
         self, *, grads: optax.Updates, hess: optax.Updates, **kwargs: Any
     ) -> TrainState:
@@ -94,7 +131,7 @@ class TrainState(train_state.TrainState):
           hess: the matching Hessian estimate (:func:`ivon_jax.estimate_hessian` or the third
             output of :func:`ivon_jax.value_and_grad`), like ``params``.
           **kwargs: other fields of the state to replace, as in Flax's ``apply_gradients``
-            (for example ``batch_stats`` in a subclass).
+            (for example ``batch_stats``).
 
         Returns:
           The new state, with ``step`` incremented and ``params``/``opt_state`` updated.
@@ -111,6 +148,126 @@ class TrainState(train_state.TrainState):
             opt_state=new_opt_state,
             **kwargs,
         )
+
+
+def value_and_grad(
+    loss_fn: Callable[..., Any],
+    num_samples: int = 1,
+    has_aux: bool = False,
+    axis_name: Hashable | None = None,
+    *,
+    method: Literal["price", "gradsq"] = "price",
+    mode: Literal["vmap", "scan"] = "vmap",
+    generator: noise.Generator = "fast",
+) -> Callable[..., tuple[Any, optax.Updates, optax.Updates, Any]]:
+    r""":func:`ivon_jax.value_and_grad` for a Linen model in training mode (Dropout, BatchNorm).
+
+    ``loss_fn(params, model_state, rngs, *args, **kwargs) -> (value, new_model_state)`` is
+    evaluated at the S weight samples :math:`\theta_s = m + \sigma\odot\epsilon_s` of
+    :func:`ivon_jax.value_and_grad` (same keys; value, grads and hess averaged the same way).
+    ``model_state`` is the non-parameter state it reads (normally ``state.batch_stats``) and
+    ``new_model_state`` what ``apply(..., mutable=["batch_stats"])`` returned for it; ``rngs``
+    is Linen's ``{"dropout": key, ...}`` (or None), made per sample:
+
+    * with S = 1 each key is used as it is (exactly Flax's own training step);
+    * with S > 1 sample s gets ``jax.random.fold_in(k, s)`` for every key ``k``, so each
+      weight sample draws its own dropout mask;
+    * with ``axis_name`` the device index is folded into each key first (each device draws
+      its own masks, like its own weight noise). Pass a new ``rngs`` every step (split it from
+      the step's key), as with any Linen training loop.
+
+    The S new model states are combined as in :func:`ivon_jax.flax.nnx.value_and_grad`:
+    floating-point leaves (batch statistics) are *averaged* over the samples, a running
+    average of the batch statistics in expectation over q (``vmap`` and ``scan`` agree; with
+    S = 1 it is BatchNorm's own update), and with ``axis_name`` also over devices
+    (``lax.pmean``, Flax's usual ``sync_batch_stats``); other leaves take sample 0's value.
+    Leaves that ``loss_fn`` returns unchanged are returned exactly. The paper's warning about
+    BatchNorm (see the module docstring) still applies.
+
+    Args:
+      loss_fn: ``loss_fn(params, model_state, rngs, *args, **kwargs) -> (loss,
+        new_model_state)`` (``((loss, aux), new_model_state)`` with ``has_aux``), the *mean*
+        loss over the minibatch.
+      num_samples: S ≥ 1 weight samples per step.
+      has_aux: whether ``loss_fn``'s value is ``(loss, aux)``; ``aux`` is averaged over the
+        samples.
+      axis_name: the mapped axis inside ``pmap``/``shard_map`` (per-device weight noise;
+        value, grads, hess and float model state averaged over the axis).
+      method, mode, generator: as in :func:`ivon_jax.value_and_grad`.
+
+    Returns:
+      A function ``(key, params, opt_state, model_state, rngs, *args, **kwargs) -> (value,
+      grads, hess, new_model_state)``.
+
+    Raises:
+      ValueError: if ``num_samples < 1`` or another option is invalid.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, ivon_jax
+      >>> from ivon_jax.flax import linen as ivon_linen
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train):
+      ...         x = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+      ...         return nn.Dense(1)(nn.Dropout(0.2, deterministic=not train)(x))
+      >>> model, x = Net(), jnp.ones((4, 3))
+      >>> variables = model.init(jax.random.key(0), x, train=False)
+      >>> state = ivon_linen.TrainState.create(
+      ...     apply_fn=model.apply, params=variables["params"],
+      ...     batch_stats=variables["batch_stats"], tx=ivon_jax.ivon(0.1, ess=100.0))
+      >>> def loss_fn(params, batch_stats, rngs, x):
+      ...     out, updates = state.apply_fn(
+      ...         {"params": params, "batch_stats": batch_stats}, x, train=True,
+      ...         rngs=rngs, mutable=["batch_stats"])
+      ...     return jnp.mean(out ** 2), updates["batch_stats"]
+      >>> vg = ivon_linen.value_and_grad(loss_fn, num_samples=2)
+      >>> key, dropout_key = jax.random.split(jax.random.key(1))
+      >>> loss, grads, hess, batch_stats = vg(
+      ...     key, state.params, state.opt_state, state.batch_stats, {"dropout": dropout_key}, x)
+      >>> state = state.apply_gradients(grads=grads, hess=hess, batch_stats=batch_stats)
+    """
+
+    def core(fun: Callable[..., Any]) -> Callable[..., Any]:
+        return grad.stateful_value_and_grad(
+            fun, num_samples, has_aux, axis_name, method=method, mode=mode, generator=generator
+        )
+
+    core(loss_fn)  # validates the arguments now, not at the first call
+
+    def wrapped(
+        key: jax.Array,
+        params: optax.Params,
+        opt_state: optax.OptState,
+        model_state: Any,
+        rngs: Mapping[str, jax.Array] | None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[Any, optax.Updates, optax.Updates, Any]:
+        state_def = jax.tree.structure(model_state)
+        marked: list[bool] = []  # whether unchanged leaves were marked None (seen when tracing)
+
+        def fun(p: Any, state: Any, index: jax.Array, rngs: Any, *args: Any, **kwargs: Any):
+            per_sample = lambda k: grad.sample_key(k, index, num_samples, axis_name)
+            rngs = jax.tree.map(per_sample, rngs)
+            value, new_state = loss_fn(p, state, rngs, *args, **kwargs)
+            marked[:] = [jax.tree.structure(new_state) == state_def]
+            if not marked[0]:
+                return value, new_state
+            # Unchanged leaves become None, so they are neither averaged nor rewritten.
+            old = jax.tree.leaves(state)
+            new = jax.tree.leaves(new_state)
+            return value, [n if n is not o else None for o, n in zip(old, new, strict=True)]
+
+        value, grads, hess, new_state = core(fun)(
+            key, params, opt_state, model_state, rngs, *args, **kwargs
+        )
+        if marked[0]:
+            old = jax.tree.leaves(model_state)
+            leaves = [o if n is None else n for o, n in zip(old, new_state, strict=True)]
+            new_state = jax.tree.unflatten(state_def, leaves)
+        return value, grads, hess, new_state
+
+    return wrapped
 
 
 def _check_variables(variables: Any) -> None:

@@ -130,7 +130,11 @@ def _call_module(module: nnx.Module, *inputs: Any) -> Any:
 
 
 def _stateful_functional(
-    model: nnx.Module, wrt: Any, call: Callable[..., Any], num_samples: int
+    model: nnx.Module,
+    wrt: Any,
+    call: Callable[..., Any],
+    num_samples: int,
+    axis_name: Hashable | None,
 ) -> tuple[Callable[..., Any], nnx.State, tuple[nnx.State, nnx.State]]:
     """``(fun, params, (keys, rest))`` for :func:`ivon_jax._src.grad.stateful_value_and_grad`.
 
@@ -145,7 +149,8 @@ def _stateful_functional(
 
     def fun(p: Any, state: Any, index: jax.Array, *args: Any, **kwargs: Any) -> Any:
         keys, rest = state
-        keys = jax.tree.map(lambda k: grad.sample_key(k, index, num_samples), keys)
+        per_sample = lambda k: grad.sample_key(k, index, num_samples, axis_name)
+        keys = jax.tree.map(per_sample, keys)
         copy = nnx.merge(graphdef, p, keys, rest, copy=True)
         out = call(copy, *args, **kwargs)
         _, _, new_keys, new_rest = nnx.split(copy, wrt, nnx.RngKey, ...)
@@ -196,7 +201,8 @@ def value_and_grad(
       ``nnx.Rngs``): with S = 1 the streams are used as they are, so a step draws the masks
       a plain ``model(x)`` would; with S > 1 sample s draws from each stream as if its key
       were ``jax.random.fold_in(key, s)``, so every weight sample gets its own dropout
-      mask. The stream keys are never changed and each counter advances once per draw, as
+      mask; with ``axis_name`` the device index is folded in first (each device its own
+      masks). The stream keys are never changed and each counter advances once per draw, as
       after one forward pass: the next step draws fresh masks, deterministically.
     * **Batch statistics** (``nnx.BatchNorm`` in training mode) and any other
       floating-point variable: the *average* of the S updated values,
@@ -264,7 +270,9 @@ def value_and_grad(
         key: jax.Array, model: nnx.Module, optimizer: OptimizerLike, *args: Any, **kwargs: Any
     ) -> tuple[Any, nnx.State, nnx.State]:
         opt_state, filt = _state_and_filter(optimizer, wrt)
-        fun, params, (keys, rest) = _stateful_functional(model, filt, loss_fn, num_samples)
+        fun, params, (keys, rest) = _stateful_functional(
+            model, filt, loss_fn, num_samples, axis_name
+        )
         value, grads, hess, changed = core(fun)(
             key, params, opt_state, (keys, rest), *args, **kwargs
         )
