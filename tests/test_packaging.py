@@ -67,9 +67,14 @@ def _run(cmd, cwd, env=None, timeout=120):
 
 
 def _quickstart() -> str:
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### The explicit path", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    """The first code block under the "The explicit path" heading (README, else the guide)."""
+    for page in ("README.md", "docs/guide/training.md"):
+        path = ROOT / page
+        text = path.read_text() if path.is_file() else ""
+        found = re.search(r"^#+ The explicit path\n.*?```python\n(.*?)```", text, re.S | re.M)
+        if found:
+            return found.group(1)
+    raise AssertionError("no 'The explicit path' quickstart in README.md or the guide")
 
 
 @pytest.fixture(scope="module")
