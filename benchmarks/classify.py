@@ -84,7 +84,7 @@ def main() -> None:
             for first in range(0, epochs, block):
                 carry = trainer.epochs(carry, seeds, lrs, regs, first, block)
                 bar.update(block)
-                if method.is_ivon:  # what to watch while training (README's guide)
+                if method.is_ivon:  # what to watch while training (docs/guide/hyperparameters.md)
                     s = ivon_jax.state_summary(jax.tree.map(lambda a: a[0], carry[1]))
                     bar.set_postfix(seed1_sigma_median=f"{float(s['sigma_p50']):.3g}",
                                     h_median=f"{float(s['h_p50']):.3g}",

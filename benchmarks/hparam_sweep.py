@@ -1,4 +1,4 @@
-"""IVON's hyper-parameters one at a time: what each does when it is off (the README guide).
+"""IVON's hyper-parameters one at a time: what each does when it is off (the hyper-parameter guide).
 
 Starting from the configuration ``paper_table.py`` chose for each task on validation NLL, it
 changes ONE setting at a time — learning rate (x1/4, x4), ``rescale_lr=False`` (with the same

@@ -75,7 +75,7 @@ def main() -> None:
         def one(p, s, k):
             pred = T.predictive(model, data.kind, p, s, x_te, k, args.samples, is_ivon)
             out = {name: test_scores(probs) for name, probs in pred.items()}
-            # What to watch in IVON's state (README's guide): the median h and σ.
+            # What to watch in IVON's state (docs/guide/hyperparameters.md): the median h and σ.
             summary = ivon_jax.state_summary(s) if is_ivon else None
             return out, summary
         return jax.jit(jax.vmap(one))

@@ -17,7 +17,7 @@ Protocol (the same for every optimizer):
   to zero) for every optimizer on a task.
 * Fixed settings, not tuned per task (set once from a preliminary look at the MNIST-1D MLP's
   validation split): AdamW β = (0.9, 0.999); SGD momentum 0.9 with L2 weight decay; IVON
-  ess = the training-set size, h₀ = 0.2, β₂ = 0.999 (runs are ~2,000 steps, see README's
+  ess = the training-set size, h₀ = 0.2, β₂ = 0.999 (runs are ~2,000 steps, see the docs'
   guide), one MC sample per step, rescaled learning rate; test-time MC predictive with 64
   samples.
 

@@ -1,6 +1,6 @@
 """Hostile and odd inputs: each gets a defined outcome (works, or a clear error).
 
-Outcomes (the README's "Reliability" section lists them):
+Outcomes (docs/guide/nonfinite.md lists them):
 - empty trees ({}, [], ()), None leaves, zero-size arrays, 0-d (scalar) leaves: work; empty
   and None leaves come back as they went in, and still count as a step;
 - integer/bool/complex leaves: ``TypeError`` at ``init`` naming the leaf; excluded by
