@@ -45,6 +45,17 @@ def _device_key(key: jax.Array, axis_name: Hashable | None) -> jax.Array:
     return jax.random.fold_in(key, jax.lax.axis_index(axis_name))
 
 
+def _device_mean(
+    value: Any, grads: Any, hess: Any, has_aux: bool, axis_name: Hashable | None
+) -> tuple[Any, Any, Any]:
+    """Averages the loss (not ``aux``), grads and hess over ``axis_name``, if one is given."""
+    if axis_name is None:
+        return value, grads, hess
+    loss = value[0] if has_aux else value
+    loss, grads, hess = jax.lax.pmean((loss, grads, hess), axis_name)
+    return ((loss, value[1]) if has_aux else loss), grads, hess
+
+
 def _is_float(x: Any) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
@@ -228,11 +239,7 @@ def value_and_grad(
     ) -> tuple[Any, optax.Updates, optax.Updates]:
         key = _device_key(key, axis_name)
         (value, grads, hess), _ = mean_fn(key, params, opt_state, None, args, kwargs)
-        if axis_name is not None:
-            loss = value[0] if has_aux else value
-            loss, grads, hess = jax.lax.pmean((loss, grads, hess), axis_name)
-            value = (loss, value[1]) if has_aux else loss
-        return value, grads, hess
+        return _device_mean(value, grads, hess, has_aux, axis_name)
 
     return wrapped
 
@@ -298,10 +305,8 @@ def stateful_value_and_grad(
     ) -> tuple[Any, optax.Updates, optax.Updates, Any]:
         key = _device_key(key, axis_name)
         (value, grads, hess), new_state = mean_fn(key, params, opt_state, state, args, kwargs)
+        value, grads, hess = _device_mean(value, grads, hess, has_aux, axis_name)
         if axis_name is not None:
-            loss = value[0] if has_aux else value
-            loss, grads, hess = jax.lax.pmean((loss, grads, hess), axis_name)
-            value = (loss, value[1]) if has_aux else loss
             new_state = jax.tree.map(
                 lambda x: jax.lax.pmean(x, axis_name) if _is_float(x) else x, new_state
             )
