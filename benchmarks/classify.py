@@ -34,7 +34,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
@@ -104,38 +103,23 @@ def main() -> None:
             else:
                 preds["AdamW"].append(out["mean"])
 
-    # Step time: one jitted step of each, interleaved, on one fixed batch; warm-up excluded.
+    # Step time: one jitted step of each (the trainer's own step, at a constant learning rate),
+    # interleaved, on one fixed batch; warm-up excluded.
     loss_fn = T.make_loss(model, data.kind)
     n = data.n_train
-    adamw = optax.adamw(cfg["AdamW"][0], weight_decay=cfg["AdamW"][1])
-    ivon = ivon_jax.ivon(cfg["IVON"][0], ess=float(n), hess_init=IVON_HESS_INIT, b2=IVON_B2,
-                         weight_decay=cfg["IVON"][1])
-    mc_grad = ivon_jax.value_and_grad(loss_fn)
-
-    @jax.jit
-    def adamw_step(params, state, x, y):
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-        updates, state = adamw.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, loss
-
-    @jax.jit
-    def ivon_step(params, state, key, x, y):
-        loss, grads, hess = mc_grad(key, params, state, x, y)
-        updates, state = ivon.update(grads, state, params, hess=hess)
-        return optax.apply_updates(params, updates), state, loss
+    opts = {name: m.build(cfg[name][0], cfg[name][1], n) for name, m in methods.items()}
+    steps = {name: jax.jit(T.train_step(opts[name], loss_fn, m.is_ivon))
+             for name, m in methods.items()}
 
     p0 = model.init(jax.random.key(0))
-    runs = {"AdamW": (p0, adamw.init(p0)), "IVON": (p0, ivon.init(p0))}
+    runs = {name: (p0, opt.init(p0)) for name, opt in opts.items()}
     x, y = jnp.asarray(data.x_train[: setup.batch]), jnp.asarray(data.y_train[: setup.batch])
     times: dict[str, list[float]] = {"AdamW": [], "IVON": []}
     step_keys = list(jax.random.split(jax.random.key(5), args.timing_reps + 5))
     for rep in range(-5, args.timing_reps):  # the first 5 repetitions are warm-up
         for name in times:
             start = time.perf_counter()
-            if name == "AdamW":
-                out = adamw_step(*runs["AdamW"], x, y)
-            else:
-                out = ivon_step(*runs["IVON"], step_keys[rep + 5], x, y)
+            out = steps[name](*runs[name], step_keys[rep + 5], x, y)  # AdamW ignores the key
             jax.block_until_ready(out)
             if rep >= 0:
                 times[name].append(time.perf_counter() - start)

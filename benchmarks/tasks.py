@@ -250,6 +250,23 @@ def steps_per_epoch(data: Data, setup: Setup) -> int:
     return data.n_train // setup.batch  # drop the last partial batch: fixed shapes
 
 
+def train_step(opt: optax.GradientTransformation, loss_fn: Callable, is_ivon: bool) -> Callable:
+    """One step ``(params, state, key, x, y) -> (params, state, loss)``; ``key`` draws IVON's
+    weight sample and is ignored by the other optimizers."""
+    vg = ivon_jax.value_and_grad(loss_fn) if is_ivon else None
+
+    def step(params, state, key, x, y):
+        if vg is None:
+            loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+            updates, state = opt.update(grads, state, params)
+        else:
+            loss, grads, hess = vg(key, params, state, x, y)
+            updates, state = opt.update(grads, state, params, hess=hess)
+        return optax.apply_updates(params, updates), state, loss
+
+    return step
+
+
 @dataclasses.dataclass(frozen=True)
 class Trainer:
     """Jitted, vmapped training of R runs at once (see :func:`make_trainer`).
@@ -281,7 +298,6 @@ def make_trainer(data: Data, model: Model, method: Method, setup: Setup) -> Trai
     loss_fn = make_loss(model, data.kind)
     x_tr, y_tr = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     n = data.n_train
-    vg = ivon_jax.value_and_grad(loss_fn) if method.is_ivon else None
 
     def optimizer(lr, reg):
         warm = max(1, int(setup.warmup * total))
@@ -306,17 +322,13 @@ def make_trainer(data: Data, model: Model, method: Method, setup: Setup) -> Trai
             perm = jax.random.permutation(jax.random.fold_in(k_data, e), n)
             batches = perm[: spe * setup.batch].reshape(spe, setup.batch)
 
+            step_fn = train_step(opt, loss_fn, method.is_ivon)
+
             def step(carry, t_idx):
-                params, state = carry
                 t, idx = t_idx
-                x, y = x_tr[idx], y_tr[idx]
-                if vg is None:
-                    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-                    updates, state = opt.update(grads, state, params)
-                else:
-                    loss, grads, hess = vg(jax.random.fold_in(k_noise, t), params, state, x, y)
-                    updates, state = opt.update(grads, state, params, hess=hess)
-                return (optax.apply_updates(params, updates), state), loss
+                params, state, loss = step_fn(*carry, jax.random.fold_in(k_noise, t),
+                                              x_tr[idx], y_tr[idx])
+                return (params, state), loss
 
             carry, _ = jax.lax.scan(step, carry, (e * spe + jnp.arange(spe), batches))
             return carry, None
