@@ -33,7 +33,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
@@ -135,9 +134,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for name, ps in preds.items():
         sc = [T.scores(p, data.y_test, data.kind) for p in ps]
-        cell = lambda k, d, sc=sc: (
-            f"{np.mean([s[k] for s in sc]):.{d}f} ± "
-            f"{np.std([s[k] for s in sc], ddof=1) if len(sc) > 1 else 0:.{d}f}")
+        cell = lambda k, d, sc=sc: T.mean_std([s[k] for s in sc], d)
         print(f"| {name} | {cell('acc', 2)} | {cell('nll', 3)} | {cell('ece', 3)} "
               f"| {cell('brier', 3)} |")
     print(f"\nTrain-step time IVON / AdamW: {ratio:.2f}x (median of {len(times['IVON'])} jitted "

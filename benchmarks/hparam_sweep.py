@@ -136,8 +136,8 @@ def main() -> None:
                     w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v)
                                 for k, v in row.items()})
                     res.append(row)
-                cell = lambda k, d, res=res: (f"{np.mean([x[k] for x in res]):.{d}f} ± "
-                                              f"{np.std([x[k] for x in res]):.{d}f}")
+                # Population std (ddof=0), as in the committed results.
+                cell = lambda k, d, res=res: T.mean_std([x[k] for x in res], d, ddof=0)
                 first = (cell("val_acc", 1) if data.kind == "classification"
                          else cell("val_rmse", 3))
                 md.append(f"| {label} | {first} | {cell('val_nll', 3)} "

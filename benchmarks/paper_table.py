@@ -176,11 +176,6 @@ def run_task(name: str, spec: dict, n_seeds: int, quick: bool, writer, bar) -> d
                 n_seeds=n_seeds)
 
 
-def fmt(values: list[float], digits: int) -> str:
-    std = np.std(values, ddof=1) if len(values) > 1 else 0.0
-    return f"{np.mean(values):.{digits}f} ± {std:.{digits}f}"
-
-
 def markdown(results: dict[str, dict]) -> str:
     out = ["# Table 1 in miniature", "",
            "Mean ± std (sample std) over independent runs on the **test** split; "
@@ -198,7 +193,7 @@ def markdown(results: dict[str, dict]) -> str:
         out += ["| method | runs | " + " | ".join(heads) + " |",
                 "|---|---:|" + "---:|" * len(cols)]
         for label, rs in res["rows"].items():
-            cells = [fmt([r[c] for r in rs], 2 if c == "acc" else 3) for c in cols]
+            cells = [T.mean_std([r[c] for r in rs], 2 if c == "acc" else 3) for c in cols]
             out.append(f"| {label} | {len(rs)} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)

@@ -398,3 +398,9 @@ def scores(pred, y, kind: str) -> dict[str, float]:
     mu, var = pred
     nll = 0.5 * jnp.mean(jnp.log(2 * np.pi * var) + (y - mu) ** 2 / var)
     return {"nll": float(nll), "rmse": float(jnp.sqrt(jnp.mean((y - mu) ** 2)))}
+
+
+def mean_std(values: list[float], digits: int, ddof: int = 1) -> str:
+    """``"mean ± std"`` for a table cell (the sample std by default; 0 for one value)."""
+    std = np.std(values, ddof=ddof) if len(values) > 1 else 0.0
+    return f"{np.mean(values):.{digits}f} ± {std:.{digits}f}"
