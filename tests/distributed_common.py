@@ -8,7 +8,11 @@ process of a ``jax.distributed`` run (see ``tests/test_distributed.py``).
 from __future__ import annotations
 
 import argparse
+import os
+import socket
+import subprocess
 import sys
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +25,31 @@ import ivon_jax
 
 DEVICES, MICRO, ROWS, D_IN, HIDDEN, CLASSES = 8, 2, 4, 6, 16, 3
 SAMPLES, STEPS = 2, 5
+
+
+def run_two_processes(argv: Callable[[int, int], list[str]], what: str = "") -> None:
+    """Runs ``argv(process_id, port)`` as two processes with 4 CPU devices each on a free
+    port (a ``jax.distributed`` pair) and fails, with their output, unless both exit 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    procs = [
+        subprocess.Popen([sys.executable, *argv(i, port)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+        for i in range(2)
+    ]
+    logs = []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        logs.append(out)
+    assert all(p.returncode == 0 for p in procs), f"{what}:\n" + "\n".join(logs)[-6000:]
 
 
 def problem(seed: int = 3):

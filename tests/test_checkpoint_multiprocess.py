@@ -11,10 +11,8 @@ parameters, IVON state, step and key must be equal, not close.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 
+import distributed_common as C
 import numpy as np
 import pytest
 
@@ -23,46 +21,12 @@ pytest.importorskip("orbax.checkpoint")
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoint_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _phase(mode: str, directory) -> None:
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    C.run_two_processes(
+        lambda i, port: [WORKER, mode, str(directory), "--process-id", str(i), "--port",
+                         str(port)],
+        mode,
     )
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                WORKER,
-                mode,
-                str(directory),
-                "--process-id",
-                str(i),
-                "--port",
-                str(port),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    logs = []
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        logs.append(out)
-    assert all(p.returncode == 0 for p in procs), f"{mode}:\n" + "\n".join(logs)[-6000:]
 
 
 def test_two_process_sharded_checkpoint_resumes_bit_identically(tmp_path):

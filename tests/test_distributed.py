@@ -8,9 +8,6 @@ of valid rows, so the B_j weighting is exercised).
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 
 import distributed_common as C
 import jax
@@ -235,12 +232,6 @@ def test_sharded_parameters_stay_sharded(axis_type):
     assert not np.allclose(blocks[0], blocks[1])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_single_process(setup, tmp_path):
     """Two jax.distributed processes with 4 CPU devices each == one process with 8."""
     params, data, sizes, key, _, _ = setup
@@ -250,29 +241,13 @@ def test_two_processes_match_single_process(setup, tmp_path):
     p0 = jax.device_put(jax.tree.map(jnp.asarray, params), NamedSharding(mesh, P()))
     single_params, single_state = C.train_shard_map(mesh, p0, data, sizes, key, put)
 
-    port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
     script = os.path.join(os.path.dirname(__file__), "distributed_common.py")
     outs = [tmp_path / f"p{i}.npz" for i in range(2)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, script, "--process-id", str(i), "--port", str(port),
-             "--out", str(outs[i])],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for i in range(2)
-    ]
-    logs = []
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        logs.append(out)
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+    C.run_two_processes(
+        lambda i, port: [script, "--process-id", str(i), "--port", str(port), "--out",
+                         str(outs[i])],
+        "two processes",
+    )
     for path in outs:
         got = np.load(path)
         for k in single_params:
