@@ -79,19 +79,19 @@ BLOCK = 1024  # bytes per split block
 # The same budget per method: three configurations each (lr, and for IVON its hess_init).
 GRID = {
     "lora": {
-        "AdamW": [{"lr": 1e-3}, {"lr": 3e-3}, {"lr": 1e-2}],
+        "AdamW": [{"lr": 3e-3}, {"lr": 1e-2}, {"lr": 3e-2}],
         "IVON": [
-            {"lr": 0.1, "hess_init": 0.1},
-            {"lr": 0.3, "hess_init": 0.1},
-            {"lr": 0.3, "hess_init": 1.0},
+            {"lr": 0.3, "hess_init": 10.0},
+            {"lr": 1.0, "hess_init": 10.0},
+            {"lr": 0.3, "hess_init": 100.0},
         ],
     },
     "full": {
         "AdamW": [{"lr": 1e-4}, {"lr": 3e-4}, {"lr": 1e-3}],
         "IVON": [
-            {"lr": 0.1, "hess_init": 1.0},
-            {"lr": 0.3, "hess_init": 1.0},
-            {"lr": 0.3, "hess_init": 10.0},
+            {"lr": 3e-3, "hess_init": 100.0},
+            {"lr": 1e-2, "hess_init": 100.0},
+            {"lr": 3e-3, "hess_init": 300.0},
         ],
     },
 }
@@ -387,7 +387,7 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=512, help="training snippets per task")
     ap.add_argument("--n-val", type=int, default=256)
     ap.add_argument("--n-test", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=150, help="fine-tuning steps per run")
+    ap.add_argument("--steps", type=int, default=300, help="fine-tuning steps per run")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--mc-samples", type=int, default=16)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
