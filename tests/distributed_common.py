@@ -133,7 +133,8 @@ def worker(process_id: int, num_processes: int, port: int, out: str) -> None:
     )
     params, state = train_shard_map(mesh, params, data, sizes, jax.random.key(11), put)
     flat = {k: np.asarray(v.addressable_shards[0].data) for k, v in params.items()}
-    flat["hess_w1"] = np.asarray(state[0].hess["w1"].addressable_shards[0].data)
+    hess_w1 = ivon_jax.find_ivon_states(state)[0].hess["w1"]
+    flat["hess_w1"] = np.asarray(hess_w1.addressable_shards[0].data)
     np.savez(out, **flat)
     jax.distributed.shutdown()
 

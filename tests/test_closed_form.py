@@ -43,7 +43,7 @@ def _run(b2: float = 0.999):
         _, grads, hess = vg(key, params, state)
         updates, state = opt.update(grads, state, params, hess=hess)
         params = optax.apply_updates(params, updates)
-        return (params, state), (params["theta"], state[0].hess["theta"])
+        return (params, state), (params["theta"], ivon_jax.find_ivon_states(state)[0].hess["theta"])
 
     keys = jax.random.split(jax.random.key(0), STEPS)
     _, (ms, hs) = jax.jit(lambda c, k: jax.lax.scan(step, c, k))((params, state), keys)

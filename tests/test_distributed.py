@@ -8,6 +8,7 @@ of valid rows, so the B_j weighting is exercised).
 from __future__ import annotations
 
 import os
+import re
 
 import distributed_common as C
 import jax
@@ -58,8 +59,9 @@ def test_pmap_matches_reference(setup):
         for d in range(1, C.DEVICES):
             np.testing.assert_array_equal(a[d], a[0])
     _close({k: v[0] for k, v in p.items()}, ref_params)
-    _close({k: v[0] for k, v in s[0].hess.items()}, ref_state[0].hess)
-    assert int(s[0].count[0]) == C.STEPS
+    _close({k: v[0] for k, v in ivon_jax.find_ivon_states(s)[0].hess.items()},
+           ivon_jax.find_ivon_states(ref_state)[0].hess)
+    assert int(ivon_jax.find_ivon_states(s)[0].count[0]) == C.STEPS
 
 
 def test_shard_map_matches_reference(setup):
@@ -72,7 +74,7 @@ def test_shard_map_matches_reference(setup):
     for leaf in jax.tree.leaves((p, s)):
         _same_on_every_device(leaf)
     _close(p, ref_params)
-    _close(s[0].hess, ref_state[0].hess)
+    _close(ivon_jax.find_ivon_states(s)[0].hess, ivon_jax.find_ivon_states(ref_state)[0].hess)
 
 
 def test_sharded_jit_with_vmap_axis_matches_reference(setup):
@@ -100,7 +102,7 @@ def test_sharded_jit_with_vmap_axis_matches_reference(setup):
     for leaf in jax.tree.leaves((p, s)):
         _same_on_every_device(leaf)
     _close(p, ref_params)
-    _close(s[0].hess, ref_state[0].hess)
+    _close(ivon_jax.find_ivon_states(s)[0].hess, ivon_jax.find_ivon_states(ref_state)[0].hess)
 
 
 def test_devices_draw_different_noise_and_same_key_reproduces():
@@ -187,18 +189,20 @@ def optax_multisteps_state(params):
     return optax.MultiSteps(ivon_jax.ivon(0.1, ess=10.0), every_k_schedule=4).init(params)
 
 
+@pytest.mark.parametrize("guard", [False, True], ids=["unguarded", "guarded"])
 @pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
-def test_sharded_parameters_stay_sharded(axis_type):
+def test_sharded_parameters_stay_sharded(axis_type, guard):
     """FSDP-style: parameters and state sharded over the mesh keep their sharding through
     init, sample_params, estimate_hessian and update, with no collective in the compiled
-    step (the noise is drawn shard by shard)."""
+    step (the noise is drawn shard by shard) — except, with the default non-finite guard,
+    all-reduces of a few numbers: the per-leaf sums that let every device decide the same."""
     mesh = jax.make_mesh(
         (C.DEVICES,), ("data",), axis_types=(getattr(jax.sharding.AxisType, axis_type),)
     )
     row = NamedSharding(mesh, P("data", None))
     col = NamedSharding(mesh, P(None, "data"))
     shardings = {"a": row, "b": col}
-    opt = ivon_jax.ivon(0.1, ess=100.0)
+    opt = ivon_jax.ivon(0.1, ess=100.0, skip_nonfinite=guard)
 
     def step(key, params, state):
         sampled, noise = ivon_jax.sample_params(key, params, state)
@@ -219,10 +223,23 @@ def test_sharded_parameters_stay_sharded(axis_type):
         jitted = jax.jit(step)
         hlo = jitted.lower(jax.random.key(0), params, state).compile().as_text()
         sampled, new_params, new_state = jitted(jax.random.key(0), params, state)
-    for collective in ("all-gather", "all-reduce", "all-to-all", "collective-permute"):
+    for collective in ("all-gather", "all-to-all", "collective-permute"):
         assert collective not in hlo, collective
+    all_reduces = [line for line in hlo.splitlines() if " all-reduce(" in line]
+    if guard:
+        # Only the guard's sums cross devices: scalars, and for the row-sharded leaf its 16
+        # column sums (one number per column, never a parameter-sized array).
+        assert all_reduces
+        for line in all_reduces:
+            out_type = line.split("=", 1)[1].split(" all-reduce(")[0]
+            sizes = [int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+                     for dims in re.findall(r"f32\[([0-9,]*)\]", out_type)]
+            assert sizes and max(sizes) <= 16, line
+    else:
+        assert not all_reduces
     for k, sh in shardings.items():
-        trees = (state[0].hess, sampled, new_params, new_state[0].hess, new_state[0].momentum)
+        old_ivon, new_ivon = (ivon_jax.find_ivon_states(s)[0] for s in (state, new_state))
+        trees = (old_ivon.hess, sampled, new_params, new_ivon.hess, new_ivon.momentum)
         for tree in trees:
             assert tree[k].sharding.is_equivalent_to(sh, 2), (k, tree[k].sharding)
             # Each device holds only its block.
@@ -253,5 +270,6 @@ def test_two_processes_match_single_process(setup, tmp_path):
         for k in single_params:
             np.testing.assert_allclose(got[k], np.asarray(single_params[k]), rtol=1e-6,
                                        atol=1e-7)
-        np.testing.assert_allclose(got["hess_w1"], np.asarray(single_state[0].hess["w1"]),
+        single_hess = ivon_jax.find_ivon_states(single_state)[0].hess
+        np.testing.assert_allclose(got["hess_w1"], np.asarray(single_hess["w1"]),
                                    rtol=1e-6, atol=1e-7)

@@ -9,8 +9,9 @@ Outcomes (docs/guide/nonfinite.md lists them):
   σ = 1/sqrt(λ(h+δ)) ∈ [1e-10, 1e8], computed in float32, exact to rounding, never 0 or inf;
 - huge gradients (1e30, float32): the mean step is finite (≈ -lr·1e30 without clipping,
   exactly lr·(h₀+δ)·ξ with ``clip_radius=ξ``); but Price's ĥ ≈ 1e31 makes the h-update's
-  (h − ĥ)² overflow, which ``skip_nonfinite`` detects in the results and skips; with the
-  squared-gradient estimator ĥ = λg² is itself infinite and the step is skipped too.
+  (h − ĥ)² overflow: the default guard keeps h as it was, element by element, and applies
+  the finite step of m; the wrapper ``ivon_jax.skip_nonfinite`` detects it in the results and
+  skips the step. With the squared-gradient estimator ĥ = λg² is itself infinite: the same.
 """
 
 import warnings
@@ -120,7 +121,8 @@ def test_scalar_leaves_first_step_matches_hand_computation():
         m1 = m - lr * (h0 + wd) * (g_bar + wd * m) / (h1 + wd)
         assert new[k].shape == () and new[k].dtype == jnp.float32
         np.testing.assert_allclose(float(new[k]), m1, rtol=1e-6)
-        np.testing.assert_allclose(float(state[0].hess[k]), h1, rtol=1e-6)
+        h_state = ivon_jax.find_ivon_states(state)[0].hess[k]
+        np.testing.assert_allclose(float(h_state), h1, rtol=1e-6)
 
 
 def test_python_float_leaf_works_like_a_0d_array_or_is_rejected_clearly():
@@ -132,7 +134,8 @@ def test_python_float_leaf_works_like_a_0d_array_or_is_rejected_clearly():
         return
     ref, ref_state, _ = _one_step(opt, {"a": jnp.float32(0.5)})
     assert float(new["a"]) == float(ref["a"])
-    assert float(state[0].hess["a"]) == float(ref_state[0].hess["a"])
+    h_a, ref_h_a = (ivon_jax.find_ivon_states(s)[0].hess["a"] for s in (state, ref_state))
+    assert float(h_a) == float(ref_h_a)
 
 
 def test_numpy_float64_leaf_without_x64_warns_nothing():
@@ -140,7 +143,7 @@ def test_numpy_float64_leaf_without_x64_warns_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         state = opt.init({"a": np.ones(3)})
-    assert state[0].hess["a"].dtype == jnp.float32
+    assert ivon_jax.find_ivon_states(state)[0].hess["a"].dtype == jnp.float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,7 +267,8 @@ def test_tiny_h_with_zero_weight_decay_first_step_is_finite_and_exact():
         {"w": jnp.full(3, 0.5)}, state, params, hess={"w": jnp.ones(3, jnp.float32)}
     )
     h1 = b2 * h0 + (1 - b2) * 1.0 + 0.5 * (1 - b2) ** 2 * (h0 - 1.0) ** 2 / h0
-    np.testing.assert_allclose(np.asarray(state[0].hess["w"]), h1, rtol=1e-5)
+    h_w = ivon_jax.find_ivon_states(state)[0].hess["w"]
+    np.testing.assert_allclose(np.asarray(h_w), h1, rtol=1e-5)
     assert _finite(updates) and _finite(ivon_jax.posterior_std(state))
 
 
@@ -279,11 +283,12 @@ def _run_h_to_zero(b2, steps, adversarial, wd=0.0):
 
     def body(carry, _):
         params, state = carry
-        h = state[0].hess["w"]
+        h = ivon_jax.find_ivon_states(state)[0].hess["w"]
         h_hat = h - (h + wd) / (1 - b2) if adversarial else jnp.zeros_like(h)
         updates, state = opt.update({"w": jnp.zeros(2, jnp.float32)}, state, params,
                                     hess={"w": h_hat})
-        return (optax.apply_updates(params, updates), state), state[0].hess["w"][0]
+        h_w0 = ivon_jax.find_ivon_states(state)[0].hess["w"][0]
+        return (optax.apply_updates(params, updates), state), h_w0
 
     (params, state), hs = jax.lax.scan(body, (params, state0), None, length=steps)
     return params, state, np.asarray(hs)
@@ -352,34 +357,43 @@ def _huge_then_good(opt, method="price"):
 def test_huge_gradient_without_skip_overflows_h():
     """Price's ĥ = g·noise·λ(h+δ) ≈ 1e30·0.1ε·100 = 1e31·ε is finite, but (h−ĥ)² ≈ 1e62 >
     3.4e38 overflows: h = inf, σ = 0; the next ĥ is noise·g·inf = 0·inf = NaN."""
-    (_, s1, hess1), (_, s2, _) = _huge_then_good(ivon_jax.ivon(0.1, ess=100.0))
+    (_, s1, hess1), (_, s2, _) = _huge_then_good(
+        ivon_jax.ivon(0.1, ess=100.0, skip_nonfinite=False)
+    )
     assert _finite(hess1)
-    assert bool(jnp.all(jnp.isinf(s1[0].hess["w"])))
+    assert bool(jnp.all(jnp.isinf(ivon_jax.find_ivon_states(s1)[0].hess["w"])))
     np.testing.assert_array_equal(np.asarray(ivon_jax.posterior_std(s1)["w"]), 0.0)
-    assert bool(jnp.all(jnp.isnan(s2[0].hess["w"])))
+    assert bool(jnp.all(jnp.isnan(ivon_jax.find_ivon_states(s2)[0].hess["w"])))
 
 
-def test_huge_gradient_with_gradsq_estimate_is_skipped():
-    """ĥ = λg² = 100·1e60 = inf: the skip check sees it, h stays h₀."""
-    opt = ivon_jax.ivon(0.1, ess=100.0, skip_nonfinite=True)
-    (p1, s1, hess1), (p2, s2, _) = _huge_then_good(opt, method="gradsq")
+def test_huge_gradient_with_gradsq_estimate():
+    """ĥ = λg² = 100·1e60 = inf. The wrapper sees it and skips the step (h stays h₀, m stays
+    1); the default guard keeps h at h₀ element by element and applies the (finite) step."""
+    wrapped = ivon_jax.skip_nonfinite(ivon_jax.ivon(0.1, ess=100.0, skip_nonfinite=False))
+    (p1, s1, hess1), (p2, s2, _) = _huge_then_good(wrapped, method="gradsq")
     assert bool(jnp.all(jnp.isinf(hess1["w"])))
     assert int(s1.skipped) == 1 and int(s2.skipped) == 1
     np.testing.assert_array_equal(np.asarray(s1.inner_state[0].hess["w"]), 1.0)
     np.testing.assert_array_equal(np.asarray(p1["w"]), 1.0)
     assert int(s2.inner_state[0].count) == 1 and _finite(s2) and _finite(p2)
 
+    (p1, s1, _), (p2, s2, _) = _huge_then_good(ivon_jax.ivon(0.1, ess=100.0), method="gradsq")
+    assert int(s1.skipped) == 0 and int(ivon_jax.find_ivon_states(s1)[0].count) == 1
+    np.testing.assert_array_equal(np.asarray(ivon_jax.find_ivon_states(s1)[0].hess["w"]), 1.0)
+    # m moves by -lr (h₀ + δ) (ḡ + δ m) / (h₀ + δ) = -0.1 (1e30 + 1e-4) ≈ -1e29: finite.
+    np.testing.assert_allclose(np.asarray(p1["w"]), 1.0 - 0.1 * (1e30 + 1e-4), rtol=1e-6)
+    assert _finite(s2) and _finite(p2) and int(ivon_jax.find_ivon_states(s2)[0].count) == 2
+
 
 @pytest.mark.parametrize("clip", ["none", "clip_radius", "clip_by_global_norm"])
-def test_huge_gradient_with_skip_keeps_h_finite(clip):
+def test_huge_gradient_with_the_wrapper_is_skipped(clip):
+    inner = ivon_jax.ivon(
+        0.1, ess=100.0, clip_radius=1e-3 if clip == "clip_radius" else None,
+        skip_nonfinite=False,
+    )
     if clip == "clip_by_global_norm":
-        opt = ivon_jax.skip_nonfinite(
-            optax.chain(optax.clip_by_global_norm(1.0), ivon_jax.ivon(0.1, ess=100.0))
-        )
-    else:
-        radius = 1e-3 if clip == "clip_radius" else None
-        opt = ivon_jax.ivon(0.1, ess=100.0, clip_radius=radius, skip_nonfinite=True)
-    (p1, s1, _), (_, s2, _) = _huge_then_good(opt)
+        inner = optax.chain(optax.clip_by_global_norm(1.0), inner)
+    (p1, s1, _), (_, s2, _) = _huge_then_good(ivon_jax.skip_nonfinite(inner))
     st1 = ivon_jax.find_ivon_states(s1)[0]
     # The overflowing step is skipped: h stays h₀, m stays 1.
     assert int(s1.skipped) == 1
@@ -387,5 +401,24 @@ def test_huge_gradient_with_skip_keeps_h_finite(clip):
     np.testing.assert_array_equal(np.asarray(p1["w"]), 1.0)
     # The next, ordinary, step is applied.
     assert int(s2.skipped) == 1 and int(ivon_jax.find_ivon_states(s2)[0].count) == 1
+    sigma = ivon_jax.posterior_std(s2)["w"]
+    assert bool(jnp.all(jnp.isfinite(sigma))) and bool(jnp.all(sigma > 0))
+
+
+@pytest.mark.parametrize("clip_radius", [None, 1e-3])
+def test_huge_gradient_under_the_default_guard_keeps_h_finite(clip_radius):
+    """Price's ĥ ≈ 1e31 is finite, the h-update overflows: the default guard keeps h at h₀
+    element by element (nothing is skipped), the step of m is finite, and the next ordinary
+    step is applied with finite, positive σ."""
+    opt = ivon_jax.ivon(0.1, ess=100.0, clip_radius=clip_radius)
+    (p1, s1, _), (p2, s2, _) = _huge_then_good(opt)
+    st1 = ivon_jax.find_ivon_states(s1)[0]
+    assert int(s1.skipped) == 0 and int(st1.count) == 1
+    np.testing.assert_array_equal(np.asarray(st1.hess["w"]), 1.0)
+    if clip_radius is not None:  # the step is exactly lr (h₀ + δ) ξ
+        np.testing.assert_allclose(np.asarray(p1["w"]), 1.0 - 0.1 * (1.0 + 1e-4) * 1e-3,
+                                   rtol=1e-6)
+    assert _finite(p1) and _finite(s2) and _finite(p2)
+    assert int(s2.skipped) == 0 and int(ivon_jax.find_ivon_states(s2)[0].count) == 2
     sigma = ivon_jax.posterior_std(s2)["w"]
     assert bool(jnp.all(jnp.isfinite(sigma))) and bool(jnp.all(sigma > 0))

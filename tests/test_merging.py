@@ -143,7 +143,9 @@ def test_merge_under_jit_with_traced_weights_and_keeps_dtypes():
 def _state_with_hess(params, hess, ess, wd):
     """An `ivon` chain state whose IVON part holds `hess` (placed deliberately second in a
     chain, so that a finder that takes `state[0]` would fail)."""
-    opt = optax.chain(optax.identity(), ivon_jax.ivon(0.1, ess=ess, weight_decay=wd))
+    opt = optax.chain(
+        optax.identity(), ivon_jax.ivon(0.1, ess=ess, weight_decay=wd, skip_nonfinite=False)
+    )
     state = opt.init(params)
     ivon_state = state[1][0]
     return (state[0], (ivon_state._replace(hess=hess), *state[1][1:]))

@@ -1,10 +1,13 @@
 """Non-finite gradients and Hessian estimates: the skip policy, and why it is needed.
 
-Policy: ``ivon(..., skip_nonfinite=True)`` (the same as ``ivon_jax.skip_nonfinite(ivon(...))``)
-turns a step whose gradients *or* Hessian estimate hold a NaN or an infinity into a no-op:
-zero updates, the wrapped state (m-independent g and h, IVON's count, the schedule's count)
-returned bit for bit, and ``skipped`` incremented. A run with a bad batch is therefore exactly
-the run in which that batch (and its key) was never there.
+Policy of ``ivon(...)``'s default guard (``skip_nonfinite=True``): a step whose gradients hold
+a NaN or an infinity is a no-op: zero updates, the state (m-independent g and h, IVON's count,
+the schedule's count) returned bit for bit, and ``skipped`` incremented. A run with a bad batch
+is therefore exactly the run in which that batch (and its key) was never there. A NaN or an
+infinity only in the Hessian estimate (which the library's estimators never give for finite
+gradients) leaves those elements of h as they were, and the step goes on. The generic wrapper
+``ivon_jax.skip_nonfinite(tx)`` skips the whole step on *any* non-finite value, in the
+gradients, the Hessian estimate or the results.
 
 Without the option a single NaN batch makes h NaN, hence σ NaN, for the rest of training (NaN
 is absorbing in β₂h + ...). ``optax.apply_if_finite`` forwards ``hess`` to IVON but checks only
@@ -47,24 +50,24 @@ def _ivon(**kw):
 
 
 def _make(kind):
-    if kind == "option":
-        return _ivon(skip_nonfinite=True)
+    if kind == "option":  # the default
+        return _ivon()
     if kind == "wrapper":
-        return ivon_jax.skip_nonfinite(_ivon())
+        return ivon_jax.skip_nonfinite(_ivon(skip_nonfinite=False))
     if kind == "chain":  # the wrapper around a longer chain, with hyper-parameters injected
         return ivon_jax.skip_nonfinite(
             optax.chain(
                 optax.clip_by_global_norm(100.0),
                 optax.inject_hyperparams(ivon_jax.ivon)(
                     learning_rate=optax.cosine_decay_schedule(0.1, 2 * K_BATCHES),
-                    ess=160.0, hess_init=0.5, b2=0.99,
+                    ess=160.0, hess_init=0.5, b2=0.99, skip_nonfinite=False,
                 ),
             )
         )
-    if kind == "plain":
-        return _ivon()
+    if kind == "plain":  # the guard switched off
+        return _ivon(skip_nonfinite=False)
     if kind == "apply_if_finite":
-        return optax.apply_if_finite(_ivon(), max_consecutive_errors=2)
+        return optax.apply_if_finite(_ivon(skip_nonfinite=False), max_consecutive_errors=2)
     raise ValueError(kind)
 
 
@@ -128,8 +131,11 @@ def _counts(state):
     return [int(c) for _, c in optax.tree_utils.tree_get_all_with_path(state, "count")]
 
 
-@pytest.mark.parametrize("kind", ["option", "wrapper", "chain"])
-@pytest.mark.parametrize("where", ["data", "grads", "hess"])
+@pytest.mark.parametrize(
+    "kind,where",
+    [("option", "data"), ("option", "grads")]
+    + [(k, w) for k in ("wrapper", "chain") for w in ("data", "grads", "hess")],
+)
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_bad_step_leaves_params_and_state_untouched(kind, where, value):
     params, state, step = _warm(kind)
@@ -183,6 +189,45 @@ def test_run_with_bad_batches_equals_run_without_them(kind):
     assert float(jnp.max(jnp.abs(params_a["w"] - PARAMS0["w"]))) > 0.1
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_default_guard_keeps_h_where_only_the_hessian_estimate_is_bad(value):
+    """Finite gradients, a NaN/±inf only in ĥ[w][1]: the step goes on; h[w][1] keeps its old
+    value, every other element moves exactly as without the guard, and nothing is counted.
+    Expected values are worked out here with numpy from the update's formulas."""
+    params, state, step = _warm("option")
+    x, y = _data()
+    key = _keys()[3]
+    new_params, new_state, _ = step(params, state, key, x[3], y[3], np.float32(0.0),
+                                    np.float32(value))
+    assert int(new_state.skipped) == 0
+    assert _counts(new_state) == [4] * len(_counts(new_state))
+    # The same step without the guard and with a finite ĥ agrees everywhere but at h[w][1]
+    # (to rounding: the two programs are compiled apart, and XLA may contract differently).
+    _, plain_step = _opt_and_step("plain")
+    plain_params, plain_state, _ = plain_step(params, state.inner_state, key, x[3], y[3],
+                                              np.float32(0.0), np.float32(0.0))
+    old = ivon_jax.find_ivon_states(state)[0]
+    new = ivon_jax.find_ivon_states(new_state)[0]
+    ref = ivon_jax.find_ivon_states(plain_state)[0]
+    h_new, h_ref = np.asarray(new.hess["w"]), np.asarray(ref.hess["w"])
+    assert h_new[1] == np.asarray(old.hess["w"])[1]
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-6)
+    close(h_new[[0, 2]], h_ref[[0, 2]])
+    close(np.asarray(new.hess["b"]), np.asarray(ref.hess["b"]))
+    jax.tree.map(close, new.momentum, ref.momentum)
+    close(np.asarray(new_params["w"])[[0, 2]], np.asarray(plain_params["w"])[[0, 2]])
+    # m[w][1] moves by -lr (h₀ + δ) (ḡ + δ m) / (h_old + δ), with the old h.
+    wd, b1 = 1e-4, 0.9
+    g_bar = np.asarray(new.momentum["w"])[1] / (1 - b1**4)
+    m = float(params["w"][1])
+    lr = float(optax.cosine_decay_schedule(0.1, 2 * K_BATCHES)(3)) * (0.5 + wd)
+    expected = m - lr * (g_bar + wd * m) / (float(old.hess["w"][1]) + wd)
+    np.testing.assert_allclose(float(new_params["w"][1]), expected, rtol=1e-5)
+    assert all(np.all(np.isfinite(np.asarray(s))) for s in jax.tree.leaves(new_state))
+    sigma = ivon_jax.posterior_std(new_state)
+    assert all(np.all(np.isfinite(s)) and np.all(s > 0) for s in jax.tree.leaves(sigma))
+
+
 def test_many_consecutive_bad_steps_are_all_skipped():
     """Unlike apply_if_finite, a skip is never overridden, however many bad steps in a row."""
     params, state, step = _warm("option")
@@ -232,11 +277,14 @@ def test_apply_if_finite_lets_a_nan_in_hess_through():
     h = np.asarray(ivon_jax.find_ivon_states(state)[0].hess["w"])
     assert np.isnan(h[1])
     assert np.isnan(float(ivon_jax.posterior_std(state)["w"][1]))
-    # Ours, on the very same input, skips the step and keeps h finite.
-    p2, s2, step2 = _warm("option")
+    # Ours, on the very same input: the wrapper skips the step; the default keeps h finite.
+    p2, s2, step2 = _warm("wrapper")
     p3, s3, _ = step2(p2, s2, _keys()[3], x[3], y[3], np.float32(0.0), np.float32(np.nan))
     assert int(s3.skipped) == 1
     _assert_trees_equal((p3, s3.inner_state), (p2, s2.inner_state))
+    p2, s2, step2 = _warm("option")
+    p3, s3, _ = step2(p2, s2, _keys()[3], x[3], y[3], np.float32(0.0), np.float32(np.nan))
+    assert np.all(np.isfinite(np.asarray(ivon_jax.find_ivon_states(s3)[0].hess["w"])))
 
 
 def test_apply_if_finite_catches_nan_grads_but_gives_up_after_max_errors():
@@ -294,7 +342,8 @@ def test_injected_schedule_keeps_its_count_when_skip_is_outermost():
     with jax.numpy_dtype_promotion("standard"):
         opt = ivon_jax.skip_nonfinite(
             optax.inject_hyperparams(ivon_jax.ivon)(
-                learning_rate=optax.cosine_decay_schedule(0.1, 10), ess=10.0
+                learning_rate=optax.cosine_decay_schedule(0.1, 10), ess=10.0,
+                skip_nonfinite=False,
             )
         )
         state = opt.init(PARAMS0)
@@ -305,12 +354,12 @@ def test_injected_schedule_keeps_its_count_when_skip_is_outermost():
 
 
 def test_injected_skip_option_advances_the_injected_schedule():
-    """Documented caveat: inject_hyperparams(ivon)(..., skip_nonfinite=True) puts the skip
+    """Documented caveat: inject_hyperparams(ivon)(...) (the default guard) puts the skip
     *inside* inject_hyperparams, whose own count (the schedule's step) still advances on a
     skipped step. Wrap with ivon_jax.skip_nonfinite outermost instead (test above)."""
     with jax.numpy_dtype_promotion("standard"):
         opt = optax.inject_hyperparams(ivon_jax.ivon)(
-            learning_rate=optax.cosine_decay_schedule(0.1, 10), ess=10.0, skip_nonfinite=True
+            learning_rate=optax.cosine_decay_schedule(0.1, 10), ess=10.0
         )
         state = opt.init(PARAMS0)
         bad = {"w": jnp.full(3, jnp.nan), "b": jnp.zeros([], jnp.float32)}
@@ -318,3 +367,105 @@ def test_injected_skip_option_advances_the_injected_schedule():
     assert int(state.inner_state.skipped) == 1
     assert int(state.inner_state.inner_state[0].count) == 0  # IVON's count is kept
     assert int(state.count) == 1  # but the injected schedule moved on
+
+
+def test_default_guard_skips_a_step_with_one_bad_micro_batch():
+    """accumulated_value_and_grad over 4 micro-batches, one of them with a NaN example: the
+    accumulated gradient is NaN, so the whole step is skipped; the same step with the bad
+    micro-batch made finite is applied."""
+    opt = _make("option")
+    vg = ivon_jax.accumulated_value_and_grad(lambda p, mb: _loss(p, mb[0], mb[1]))
+    x, y = _data()
+    xm, ym = x[:4], y[:4]  # 4 micro-batches of 16
+    params, state, _ = _warm("option")
+
+    @jax.jit
+    def step(params, state, xm):
+        with jax.numpy_dtype_promotion("standard"):
+            _, grads, hess = vg(_keys()[5], params, state, (xm, ym), None)
+            updates, state = opt.update(grads, state, params, hess=hess)
+        return optax.apply_updates(params, updates), state
+
+    bad = xm.at[2, 5, 0].set(jnp.nan)  # one example of micro-batch 2
+    p_bad, s_bad = step(params, state, bad)
+    _assert_trees_equal((p_bad, s_bad.inner_state), (params, state.inner_state))
+    assert int(s_bad.skipped) == 1
+    p_good, s_good = step(params, state, xm)
+    assert int(s_good.skipped) == 0
+    assert float(jnp.max(jnp.abs(p_good["w"] - params["w"]))) > 0
+
+
+def test_default_guard_skips_on_every_device_together():
+    """Data parallel on 8 devices with shard_map and value_and_grad(axis_name=...): a NaN
+    example on one device makes the device-averaged gradient NaN everywhere, so every device
+    skips the step and all replicas stay equal to the state before it."""
+    devices = jax.devices()
+    n = len(devices)
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    P = jax.sharding.PartitionSpec
+    opt = _make("option")
+    vg = ivon_jax.value_and_grad(_loss, axis_name="data")
+    x, y = _data()
+    xb = jnp.tile(x[0], (n // 2, 1)) if n > 1 else x[0]  # 8 examples per device
+    yb = jnp.tile(y[0], (n // 2,)) if n > 1 else y[0]
+    params, state, _ = _warm("option")
+
+    def local(params, state, xb, yb):
+        with jax.numpy_dtype_promotion("standard"):
+            _, grads, hess = vg(_keys()[6], params, state, xb, yb)
+            updates, state = opt.update(grads, state, params, hess=hess)
+        new = optax.apply_updates(params, updates)
+        # One copy per device, so that the test sees every device's own result.
+        return jax.tree.map(lambda a: a[None], (new, state))
+
+    step = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
+                                 out_specs=P("data"), check_vma=False))
+    per_device = xb.shape[0] // n
+    bad = xb.at[3 * per_device + 1, 2].set(jnp.nan)  # one example on device 3
+    new_params, new_state = step(params, state, bad, yb)
+    for d in range(n):
+        mine = jax.tree.map(lambda a, d=d: a[d], (new_params, new_state))
+        _assert_trees_equal(mine[0], params)
+        _assert_trees_equal(mine[1].inner_state, state.inner_state)
+        assert int(mine[1].skipped) == 1
+    good_params, good_state = step(params, state, xb, yb)
+    assert np.all(np.asarray(good_state.skipped) == 0)
+    w = np.asarray(good_params["w"])
+    assert np.all(w == w[0]) and float(np.max(np.abs(w[0] - np.asarray(params["w"])))) > 0
+
+
+def test_default_guard_adds_no_pass_over_the_parameters_in_the_compiled_step():
+    """The guard's no-op is a select inside the update's kernels: the compiled train step
+    has exactly as many operations producing a parameter-shaped array as without the guard
+    (no extra pass, no copy); what it adds are the per-leaf sums, which produce scalars or
+    small partial sums."""
+    shape = (37, 29)  # a shape nothing else in the step has
+    params = {"w": jnp.full(shape, 0.1, jnp.float32), "v": jnp.full((29, 3), 0.1, jnp.float32)}
+    x = jnp.ones((8, 37), jnp.float32)
+
+    def loss(p, x):
+        return jnp.mean(jnp.square(jnp.tanh(x @ p["w"]) @ p["v"]))
+
+    vg = ivon_jax.value_and_grad(loss)
+
+    def compiled(opt):
+        def step(params, state, key, x):
+            _, grads, hess = vg(key, params, state, x)
+            updates, state = opt.update(grads, state, params, hess=hess)
+            return optax.apply_updates(params, updates), state
+
+        state = opt.init(params)
+        text = (jax.jit(step, donate_argnums=(0, 1))
+                .lower(params, state, jax.random.key(0), x).compile().as_text())
+        entry = text[text.index("ENTRY"):]
+        ops = [line.split("=", 1)[1] for line in entry.splitlines() if " = f32[37,29]" in line]
+        return [op.split("(")[0].split()[-1] for op in ops]
+
+    plain = compiled(ivon_jax.ivon(0.1, ess=100.0, skip_nonfinite=False))
+    guarded = compiled(ivon_jax.ivon(0.1, ess=100.0))
+    assert "copy" not in guarded
+    assert sorted(guarded) == sorted(plain), (plain, guarded)
+    # And the wrapper, for contrast, does add passes.
+    wrapped = compiled(ivon_jax.skip_nonfinite(ivon_jax.ivon(0.1, ess=100.0,
+                                                             skip_nonfinite=False)))
+    assert len(wrapped) > len(plain)

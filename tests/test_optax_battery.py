@@ -320,7 +320,7 @@ def test_inject_hyperparams_learning_rate():
     p1 = optax.apply_updates(params, u1)
     s1 = s1._replace(hyperparams={**s1.hyperparams, "learning_rate": jnp.asarray(0.05)})
     u_inj, _ = update(grads, s1, p1, hess)
-    plain = ivon_jax.ivon(0.05, ess=10.0, b2=0.9)
+    plain = ivon_jax.ivon(0.05, ess=10.0, b2=0.9, skip_nonfinite=False)
     plain_state = (ivon_jax.find_ivon_states(s1)[0], *plain.init(p1)[1:])
     u_plain, _ = plain.update(grads, plain_state, p1, hess=hess)
     np.testing.assert_allclose(np.asarray(u_inj["w"]), np.asarray(u_plain["w"]), rtol=1e-6)

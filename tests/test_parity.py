@@ -98,7 +98,7 @@ def run_ivon_jax(cfg: dict[str, Any], vec: dict[str, np.ndarray], monkeypatch) -
             hess = jax.tree.map(lambda a: a / S, hess_sum)
             updates, state = opt.update(grads, state, params, hess=hess)
             params = optax.apply_updates(params, updates)
-            ivon_state = state[0]
+            ivon_state = ivon_jax.find_ivon_states(state)[0]
             out = (_flat(params), _flat(ivon_state.momentum), _flat(ivon_state.hess))
             return (params, state), out
 

@@ -125,7 +125,7 @@ def test_bfloat16_noise_is_the_applied_perturbation():
     sig = float(_sigma(ess, 1.0, wd))  # 0.01, about one bf16 ulp (2^-7 ≈ 0.0078) at 1
     p16 = {"w": x.astype(jnp.bfloat16)}
     state = ivon_jax.ivon(0.1, ess=ess, weight_decay=wd).init(p16)
-    assert state[0].hess["w"].dtype == jnp.float32
+    assert ivon_jax.find_ivon_states(state)[0].hess["w"].dtype == jnp.float32
     sampled, noise = ivon_jax.sample_params(jax.random.key(4), p16, state)
     s, n, p = (np.asarray(t["w"].astype(jnp.float32), np.float64) for t in (sampled, noise, p16))
     assert sampled["w"].dtype == jnp.bfloat16 and noise["w"].dtype == jnp.bfloat16
@@ -209,7 +209,7 @@ def test_float64_under_x64():
         params = {"w": jnp.zeros(N, jnp.float64)}
         ess, wd = 1e6, 1e-4
         state = ivon_jax.ivon(0.1, ess=ess, weight_decay=wd).init(params)
-        assert state[0].hess["w"].dtype == jnp.float64
+        assert ivon_jax.find_ivon_states(state)[0].hess["w"].dtype == jnp.float64
         sigma = ivon_jax.posterior_std(state)["w"]
         assert sigma.dtype == jnp.float64
         # Full float64 precision of σ, beyond float32's ~1e-7.
@@ -248,7 +248,7 @@ def test_masked_leaves_get_no_noise_and_masked_node_std():
     hess = ivon_jax.estimate_hessian(grads, noise, state)
     assert np.all(np.asarray(hess["frozen"]) == 0.0)
     _, state2 = tx.update(grads, state, params, hess=hess)
-    assert isinstance(state2.inner_state[0].hess["frozen"], optax.MaskedNode)
+    assert isinstance(ivon_jax.find_ivon_states(state2)[0].hess["frozen"], optax.MaskedNode)
 
 
 def test_masked_frozen_group_keeps_exact_value_over_training():

@@ -183,8 +183,10 @@ def test_loo_from_an_ivon_state_with_the_exact_hessian():
     x, y, precision, mean = _regression()
     params = {"theta": jnp.asarray(mean, jnp.float32)}
     state = ivon_jax.ivon(0.1, ess=float(NR), weight_decay=DELTA).init(params)
-    state = (state[0]._replace(hess={"theta": jnp.asarray(np.diag(x.T @ x) / NR, jnp.float32)}),
-             *state[1:])
+    ivon_state = ivon_jax.find_ivon_states(state)[0]._replace(
+        hess={"theta": jnp.asarray(np.diag(x.T @ x) / NR, jnp.float32)}
+    )
+    state = state._replace(inner_state=(ivon_state, *state.inner_state[1:]))
     loo, scores = sensitivity.loo_estimator(_linear, loss="squared", batch_size=7)(
         params, state, (jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
     )

@@ -7,8 +7,10 @@ valid ranges and random sequences of gradients and Hessian estimates:
 - the state's tree structure, leaf shapes, dtypes and weak types never change (so it can be
   carried by ``lax.scan`` and checkpointed), nor do the parameters';
 - for finite inputs every state leaf stays finite, h + δ > 0 and σ is finite and > 0;
-- with ``skip_nonfinite=True`` and NaN/±inf mixed into the inputs, the same holds, ``skipped``
-  counts exactly the steps with a non-finite input and IVON's count the others.
+- with the default guard and NaN/±inf mixed into the inputs, the same holds, ``skipped``
+  counts exactly the steps with a non-finite gradient and IVON's count the others (a NaN/±inf
+  only in ĥ keeps those elements of h); with the wrapper ``ivon_jax.skip_nonfinite``,
+  ``skipped`` counts every step with a non-finite input.
 
 Input magnitudes: ĝ, ĥ ∈ {0, 1e-30, 1e-3, 1, 1e3} × N(0, 1) ("raw"), or Price's estimate for
 a quadratic with random curvature c ∈ [−1, 1]·scale centred at m (ĝ = c ⊙ (θ − m), so
@@ -16,8 +18,8 @@ a quadratic with random curvature c ∈ [−1, 1]·scale centred at m (ĝ = c �
 range: h + δ at most halves per step (test_properties.py), so h + δ ≥ 1e-4/2⁸ = 4e-7, and
 one step's correction ½(1−β₂)²(h−ĥ)²/(h+δ) is then < 1e15; where h dominates it at most
 triples h per step, so h < 1e19 and (h − ĥ)² < 3.4e38. Larger finite inputs (1e15, 1e30)
-do overflow h without the option; with ``skip_nonfinite`` such steps are skipped (the last
-property).
+do overflow h without the guard; the default guard keeps the overflowing elements of h, the
+wrapper skips such steps (the last property).
 """
 
 import functools
@@ -136,13 +138,17 @@ def _plant(tree, value):
 
 
 def _run(spec, hp, plans, skip, sigma_positive=True, overflow_skips=False):
+    """``skip``: False (no guard), True (the default guard) or "wrapper"."""
     params = _build(spec)
-    opt = ivon_jax.ivon(**hp, skip_nonfinite=skip)
+    if skip == "wrapper":
+        opt = ivon_jax.skip_nonfinite(ivon_jax.ivon(**hp, skip_nonfinite=False))
+    else:
+        opt = ivon_jax.ivon(**hp, skip_nonfinite=skip)
     state = opt.init(params)
     state_avals, param_avals = _avals(state), _avals(params)
     rng = np.random.default_rng(1)
     wd = hp["weight_decay"]
-    n_bad = 0
+    n_bad = 0  # steps the guard skips
     for t, (kind, g_scale, h_scale, bad, bad_value) in enumerate(plans):
         _, noise = ivon_jax.sample_params(jax.random.key(t), params, state)
         if kind == "price":
@@ -156,7 +162,7 @@ def _run(spec, hp, plans, skip, sigma_positive=True, overflow_skips=False):
             grads, planted = _plant(grads, bad_value)
         elif bad == "hess":
             hess, planted = _plant(hess, bad_value)
-        n_bad += planted
+        n_bad += planted and (bad == "grads" or skip == "wrapper")
         updates, state = opt.update(grads, state, params, hess=hess)
         params = optax.apply_updates(params, updates)
 
@@ -174,8 +180,11 @@ def _run(spec, hp, plans, skip, sigma_positive=True, overflow_skips=False):
         for p in jax.tree.leaves(params):
             assert bool(jnp.all(jnp.isfinite(p.astype(jnp.float32)))), (t, p)
     count = int(ivon_jax.find_ivon_states(state)[0].count)
-    if overflow_skips:  # steps whose result would overflow are skipped too
-        assert int(state.skipped) + count == len(plans)
+    if overflow_skips:
+        if skip == "wrapper":  # steps whose result would overflow are skipped too
+            assert int(state.skipped) + count == len(plans)
+        else:  # the default guard keeps the overflowing elements of h and goes on
+            assert int(state.skipped) == 0 and count == len(plans)
         return
     if skip:
         assert int(state.skipped) == n_bad
@@ -192,9 +201,10 @@ def test_finite_inputs_keep_the_state_well_formed(spec, hp, plans, skip):
 
 
 @settings(max_examples=15, **SETTINGS)
-@given(tree_specs(F32_BF16), hyperparams(), step_plans(nonfinite=True))
-def test_nonfinite_inputs_are_skipped_and_counted(spec, hp, plans):
-    _run(spec, hp, plans, skip=True)
+@given(tree_specs(F32_BF16), hyperparams(), step_plans(nonfinite=True),
+       st.sampled_from([True, "wrapper"]))
+def test_nonfinite_inputs_are_skipped_and_counted(spec, hp, plans, skip):
+    _run(spec, hp, plans, skip=skip)
 
 
 @settings(max_examples=5, **SETTINGS)
@@ -208,7 +218,8 @@ def test_float64_under_x64(spec, hp, plans):
         # float64 parameters keep float64 statistics.
         params = _build(spec)
         state = ivon_jax.ivon(**hp).init(params)
-        for p, h in zip(jax.tree.leaves(params), jax.tree.leaves(state[0].hess), strict=True):
+        hess = ivon_jax.find_ivon_states(state)[0].hess
+        for p, h in zip(jax.tree.leaves(params), jax.tree.leaves(hess), strict=True):
             assert h.dtype == (jnp.float64 if p.dtype == jnp.float64 else jnp.float32)
 
 
@@ -226,4 +237,5 @@ def test_float64_under_x64(spec, hp, plans):
 )
 def test_with_skip_any_finite_input_keeps_the_state_finite(spec, hp, plans):
     # σ may legitimately round to 0 here: λ(h + δ) can exceed float32's range for h ~ 1e38.
-    _run(spec, hp, plans, skip=True, sigma_positive=False, overflow_skips=True)
+    for skip in (True, "wrapper"):
+        _run(spec, hp, plans, skip=skip, sigma_positive=False, overflow_skips=True)

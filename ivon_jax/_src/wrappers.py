@@ -32,7 +32,7 @@ def _all_finite(tree: Any) -> jax.Array:
 def skip_nonfinite(
     inner: optax.GradientTransformation,
 ) -> optax.GradientTransformationExtraArgs:
-    """Skips a step whose gradients or Hessian estimate hold a NaN or an infinity.
+    """Skips a step whose gradients, Hessian estimate or results hold a NaN or an infinity.
 
     On such a step the updates are zero and the wrapped state — IVON's m-independent
     statistics g and h, its step count, schedule counts — is returned unchanged, so one bad
@@ -40,9 +40,16 @@ def skip_nonfinite(
     skipped steps is counted in the state. Unlike ``optax.apply_if_finite``, the check
     covers the ``hess`` keyword argument too, and a skip is never overridden.
 
+    ``ivon_jax.ivon(...)`` has a cheaper guard of its own, on by default (its
+    ``skip_nonfinite`` argument): it skips steps with non-finite *gradients* the same way, but
+    keeps h element by element where only ĥ is bad or h would overflow. This wrapper is the
+    stricter, generic one — any chain, any non-finite value, whole steps — and reads the
+    inputs and results a second time (about 1.4–1.65× a train step on a 2-core CPU,
+    ``benchmarks/perf.py``).
+
     Args:
-      inner: the transform to protect, e.g. ``ivon_jax.ivon(...)``
-        (``ivon(..., skip_nonfinite=True)`` is this wrapper around it).
+      inner: the transform to protect, e.g. ``ivon_jax.ivon(..., skip_nonfinite=False)`` or
+        a chain that contains IVON.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`SkipNonFiniteState`.
