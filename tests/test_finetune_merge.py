@@ -28,14 +28,15 @@ N_TRAIN, STEPS = 64, 12
 
 
 class Net(nnx.Module):
-    """A pretrained-looking base (two layers) with LoRA adapters on both."""
+    """A pretrained-looking base (two layers) with LoRA adapters on both, and a new head."""
 
     def __init__(self, rngs: nnx.Rngs):
         self.l1 = nnx.LoRA(6, 2, 8, base_module=nnx.Linear(6, 8, rngs=rngs), rngs=rngs)
-        self.l2 = nnx.LoRA(8, 2, 3, base_module=nnx.Linear(8, 3, rngs=rngs), rngs=rngs)
+        self.l2 = nnx.LoRA(8, 2, 8, base_module=nnx.Linear(8, 8, rngs=rngs), rngs=rngs)
+        self.head = nnx.Linear(8, 3, rngs=rngs)
 
     def __call__(self, x):
-        return self.l2(jnp.tanh(self.l1(x)))
+        return self.head(jnp.tanh(self.l2(jnp.tanh(self.l1(x)))))
 
 
 def _data():
@@ -44,9 +45,9 @@ def _data():
     return jnp.asarray(x), jnp.asarray((x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 1))
 
 
-def _frozen(model):
-    """Copies of the base (non-LoRA) parameters."""
-    return jax.tree.map(np.array, nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
+def _frozen(model, trained=nnx.LoRAParam):
+    """Copies of the parameters outside ``trained``."""
+    return jax.tree.map(np.array, nnx.state(model, nnx.All(nnx.Param, nnx.Not(trained))))
 
 
 def _tx():
@@ -54,16 +55,21 @@ def _tx():
     return ivon_jax.ivon(0.05, ess=float(N_TRAIN), hess_init=1.0, b2=0.99, weight_decay=1e-4)
 
 
-def test_lora_optimizer_never_perturbs_the_frozen_base():
+@pytest.mark.parametrize(
+    "trained",
+    [nnx.LoRAParam, nnx.Any(nnx.LoRAParam, nnx.PathContains("head"))],
+    ids=["adapters", "adapters+head"],
+)
+def test_lora_optimizer_never_perturbs_the_frozen_base(trained):
     model = Net(nnx.Rngs(0))
     x, y = _data()
-    base = _frozen(model)
-    lora_before = jax.tree.map(np.array, nnx.state(model, nnx.LoRAParam))
-    optimizer = nnx.Optimizer(model, _tx(), wrt=nnx.LoRAParam)
+    base = _frozen(model, trained)
+    lora_before = jax.tree.map(np.array, nnx.state(model, trained))
+    optimizer = nnx.Optimizer(model, _tx(), wrt=trained)
 
     def loss_fn(m, x, y):
         # aux: how far the base weights that this forward pass sees are from the originals.
-        seen = nnx.state(m, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+        seen = nnx.state(m, nnx.All(nnx.Param, nnx.Not(trained)))
         drift = sum(
             jnp.max(jnp.abs(a - b))
             for a, b in zip(jax.tree.leaves(seen), jax.tree.leaves(base), strict=True)
@@ -83,21 +89,21 @@ def test_lora_optimizer_never_perturbs_the_frozen_base():
         _, drift = step(model, optimizer, jax.random.key(t))
         assert float(drift) == 0.0  # the samples perturb the adapters only
 
-    after = _frozen(model)
+    after = _frozen(model, trained)
     for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(base), strict=True):
         np.testing.assert_array_equal(a, b)  # bit-identical, not merely close
     moved = [
         np.max(np.abs(np.asarray(a) - b))
         for a, b in zip(
-            jax.tree.leaves(nnx.state(model, nnx.LoRAParam)),
+            jax.tree.leaves(nnx.state(model, trained)),
             jax.tree.leaves(lora_before),
             strict=True,
         )
     ]
-    assert min(moved) > 0  # every adapter matrix trained (B starts at zero)
+    assert min(moved) > 0  # every trained matrix moved (B starts at zero)
 
-    # The adapters' posterior: σ and the Hessian have exactly the adapters' structure.
-    lora = nnx.state(model, nnx.LoRAParam)
+    # The adapters' posterior: σ and the Hessian have exactly the trained variables' structure.
+    lora = nnx.state(model, trained)
     sigma = ivon_jax.posterior_std(optimizer.opt_state, lora)
     prec = merging.hessian_from_state(optimizer.opt_state, lora)
     assert jax.tree.structure(sigma) == jax.tree.structure(lora)
@@ -107,7 +113,7 @@ def test_lora_optimizer_never_perturbs_the_frozen_base():
     # Predictions sample the adapters only; the model is left as it was.
     probs = ivon_nnx.predict_proba(jax.random.key(99), model, optimizer, x, num_samples=4)
     np.testing.assert_allclose(np.asarray(probs.sum(-1)), 1.0, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(_frozen(model)), jax.tree.leaves(base), strict=True):
+    for a, b in zip(jax.tree.leaves(_frozen(model, trained)), jax.tree.leaves(base), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
