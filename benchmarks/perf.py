@@ -17,6 +17,8 @@ Sections:
      (``compiled.memory_analysis()``) for S = 1, S = 8 vectorised and S = 8 sequential.
   4. First-step compile time, including a model with 1,000 leaves.
   5. The noise generators alone.
+  6. The non-finite guard: the whole MLP steps with IVON's default guard, without it
+     (``skip_nonfinite=False``) and with the generic wrapper ``ivon_jax.skip_nonfinite``.
 
 Writes ``benchmarks/results/perf.md`` (Markdown tables) and ``benchmarks/results/perf.png``.
 """
@@ -45,14 +47,19 @@ RESULTS = pathlib.Path(__file__).with_name("results")
 def interleaved_medians(
     fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 3
 ) -> dict[str, float]:
-    """Median time of each function, calling them in turn (A, B, C, A, B, C, ...) so that a
-    slow spell of the shared machine hits all of them alike rather than one."""
+    """Median time of each function, calling them in turn (A, B, C, C, A, B, ...) so that a
+    slow spell of the shared machine hits all of them alike rather than one. The order is
+    shuffled every round: a fixed order was seen to favour one position by up to 10 % (two
+    copies of the same compiled step, timed in turn)."""
     for fn in fns.values():
         for _ in range(warmup):
             jax.block_until_ready(fn())
     times: dict[str, list[float]] = {name: [] for name in fns}
+    rng = np.random.default_rng(0)
+    names = list(fns)
     for _ in range(reps):
-        for name, fn in fns.items():
+        for i in rng.permutation(len(names)):
+            name, fn = names[i], fns[names[i]]
             start = time.perf_counter()
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - start)
@@ -280,6 +287,38 @@ def compile_rows(out, leaves: int, sizes: tuple[int, ...]):
               f"ratio {row['IVON/AdamW']:.3f}", flush=True)
 
 
+def guard_rows(name, params, apply, x, y, reps, out):
+    """The whole IVON step with the default non-finite guard, without it, and with the
+    generic wrapper, in one run; two copies of the unguarded step show the timing noise."""
+    def loss_fn(p, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(apply(p, x), y).mean()
+
+    vg = ivon_jax.value_and_grad(loss_fn)
+    unguarded = lambda: ivon_jax.ivon(0.1, ess=50_000.0, skip_nonfinite=False)
+    txs = {"off": unguarded(), "off (again)": unguarded(),
+           "default": ivon_jax.ivon(0.1, ess=50_000.0),
+           "wrapper": ivon_jax.skip_nonfinite(unguarded())}
+
+    def step_for(tx):
+        def step(params, state, key, x, y):
+            loss, grads, hess = vg(key, params, state, x, y)
+            updates, state = tx.update(grads, state, params, hess=hess)
+            return optax.apply_updates(params, updates), state, loss
+        return step
+
+    calls = {k: donated_caller(step_for(tx), tx, params, jax.random.key(0), x, y)
+             for k, tx in txs.items()}
+    t = interleaved_medians(calls, reps)
+    off = (t["off"] + t["off (again)"]) / 2
+    row = {"model": name, "params": n_params(params), **t,
+           "default/off": t["default"] / off, "wrapper/off": t["wrapper"] / off,
+           "noise": abs(t["off"] - t["off (again)"]) / off}
+    out.append(row)
+    print(f"  {name:10s} off {1e3 * off:8.2f} ms  default guard {1e3 * t['default']:8.2f} ms "
+          f"({row['default/off']:.3f})  wrapper {1e3 * t['wrapper']:8.2f} ms "
+          f"({row['wrapper/off']:.3f})  off vs off {row['noise']:.3f}", flush=True)
+
+
 def noise_rows(total: int, reps: int, out):
     key = jax.random.key(0)
     shape = (total,)
@@ -338,6 +377,15 @@ def write_report(res: dict, args) -> str:
               "| generator | normals | ms |", "|---|---:|---:|"]
     for r in res["noise"]:
         lines.append(f"| {r['generator']} | {fmt_count(r['numbers'])} | {fmt_ms(r['seconds'])} |")
+    lines += ["", "**Non-finite guard** (whole IVON step, median ms; `off` = "
+              "`skip_nonfinite=False`, the mean of two copies timed apart)", "",
+              "| model | off | default guard | wrapper `skip_nonfinite(tx)` | default/off | "
+              "wrapper/off | off vs off again |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in res["guard"]:
+        off = (r["off"] + r["off (again)"]) / 2
+        lines.append(f"| {r['model']} | {fmt_ms(off)} | {fmt_ms(r['default'])} | "
+                     f"{fmt_ms(r['wrapper'])} | {r['default/off']:.3f} | {r['wrapper/off']:.3f} | "
+                     f"{100 * r['noise']:.1f} % |")
     return "\n".join(lines) + "\n"
 
 
@@ -374,7 +422,8 @@ def main() -> None:
     reps = args.reps or (3 if args.smoke else 30)
     scale = 0.001 if args.smoke else 1.0
     key = jax.random.key(0)
-    res: dict[str, list] = {"train": [], "opt": [], "mem": [], "compile": [], "noise": []}
+    res: dict[str, list] = {"train": [], "opt": [], "mem": [], "compile": [], "noise": [],
+                            "guard": []}
 
     print("Whole train step", flush=True)
     batch = 128
@@ -409,6 +458,14 @@ def main() -> None:
 
     print("Noise generators", flush=True)
     noise_rows(max(int(10_000_000 * scale), 1000), max(reps // 3, 3), res["noise"])
+
+    print("Non-finite guard", flush=True)
+    p, f = mlp(sizes, key)
+    guard_rows("MLP tiny" if args.smoke else "MLP 0.55M", p, f, x, y, reps, res["guard"])
+    if not args.smoke:
+        p, f = mlp((784, 2500, 2500, 784), key)
+        yb = jax.random.randint(key, (batch,), 0, 784)
+        guard_rows("MLP 10M", p, f, x, yb, max(reps // 2, 5), res["guard"])
 
     args.out.mkdir(parents=True, exist_ok=True)
     report = write_report(res, args)

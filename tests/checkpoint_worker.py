@@ -116,7 +116,7 @@ def main(mode: str, directory: str, process_id: int, port: int) -> None:
         latest = mngr.latest_step()
         assert latest == N_FIRST, latest
         train = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
-        w1 = train["opt_state"][0].hess["w1"]
+        w1 = ivon_jax.find_ivon_states(train["opt_state"])[0].hess["w1"]
         assert w1.sharding.is_equivalent_to(shardings["params"]["w1"], 2)
         # Each process holds its own 4 row blocks, not the whole matrix.
         assert len(w1.addressable_shards) == DEVICES // 2

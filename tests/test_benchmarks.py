@@ -16,11 +16,13 @@ def test_perf_smoke_runs_and_reports(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (tmp_path / "perf.md").read_text()
-    for section in ("Whole train step", "Optimizer alone", "Memory", "compile time", "Noise"):
+    for section in ("Whole train step", "Optimizer alone", "Memory", "compile time", "Noise",
+                    "Non-finite guard"):
         assert section in report
     ratios = [float(r) for r in re.findall(r"\| (\d+\.\d+) \|\n", report)]
     assert ratios and all(0.05 < r < 100 for r in ratios), ratios
-    # IVON's optimizer state is AdamW's plus two scalars (λ and δ: 8 bytes in float32).
+    # IVON's optimizer state is AdamW's plus three scalars (λ, δ and the guard's count of
+    # skipped steps: 12 bytes in float32/int32).
     states = [int(s.replace(",", "")) for s in re.findall(r"\| ([\d,]+) \|\n", report)]
     adamw_state, ivon_states = states[0], states[1:]
-    assert all(s - adamw_state == 8 for s in ivon_states), states
+    assert all(s - adamw_state == 12 for s in ivon_states), states
