@@ -43,6 +43,7 @@ GUIDE_PAGES = [
     "merging_sensitivity",
     "evidence",
     "correctness",
+    "finetuning",
 ]
 NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
 

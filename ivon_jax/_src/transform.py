@@ -13,6 +13,7 @@ from optax._src import numerics
 
 from ivon_jax._src import checks
 from ivon_jax._src import fusion
+from ivon_jax._src import noise
 from ivon_jax._src.state import IVONState
 from ivon_jax._src.state import hess_lower_bound
 from ivon_jax._src.state import scalar_dtype
@@ -335,13 +336,28 @@ def _gradients_finite(grads: optax.Updates) -> jax.Array:
     """True (a boolean scalar) when every gradient element is finite.
 
     One sum per leaf: a NaN or an infinity survives any sum (inf - inf is NaN), so the sums
-    are finite exactly when the elements are, except that gradients so large that a leaf's
-    sum overflows (|g| ~ 1e38 / size in float32) count as non-finite too.
+    are finite exactly when the elements are, except that gradients so large that a sum
+    overflows (|g| ~ 1e38 / size in float32) count as non-finite too. Leaves up to
+    ``noise.SMALL_LEAF`` elements are summed together, one flat vector per dtype (fewer
+    kernels to compile with many small leaves: 200 leaves of 16x16 compiled in 4.9 s instead
+    of 6.4 s, against 4.0 s without the guard). The verdict is computed once, in a kernel of
+    its own: left to XLA, the test of all leaves was fused into each of the update's kernels,
+    and compiling grew with the square of the number of leaves (30 s for those 200 leaves).
     """
-    flags = [jnp.isfinite(_leaf_sum(g)) for g in jax.tree.leaves(grads)]
+    flags = []
+    small: dict[Any, list[jax.Array]] = {}
+    for g in jax.tree.leaves(grads):
+        if g.size > noise.SMALL_LEAF:
+            flags.append(jnp.isfinite(_leaf_sum(g)))
+        elif g.size:
+            dt = stats_dtype(jnp.result_type(g))
+            small.setdefault(dt, []).append(g.reshape(-1).astype(dt))
+    for group in small.values():
+        flags.append(jnp.isfinite(jnp.sum(jnp.concatenate(group))))
     if not flags:
         return jnp.asarray(True)
-    return jnp.all(jnp.stack(flags))
+    ok = jnp.all(jnp.stack(flags)).astype(jnp.float32)
+    return fusion.materialize(ok) == 1
 
 
 def _guard(tx: optax.GradientTransformationExtraArgs) -> optax.GradientTransformationExtraArgs:
