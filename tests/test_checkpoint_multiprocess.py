@@ -42,4 +42,4 @@ def test_two_process_sharded_checkpoint_resumes_bit_identically(tmp_path):
     assert int(full["['step']"]) == 12
     assert full["['params']['w1']"].shape == (16, 32)  # gathered from both processes
     # The run moved, so equality is not vacuous.
-    assert float(np.max(np.abs(full["['opt_state'][0].hess['w1']"] - 0.1))) > 1e-3
+    assert float(np.max(np.abs(full["['opt_state'].inner_state[0].hess['w1']"] - 0.1))) > 1e-3
