@@ -339,15 +339,15 @@ def _gradients_finite(grads: optax.Updates) -> jax.Array:
     are finite exactly when the elements are, except that gradients so large that a sum
     overflows (|g| ~ 1e38 / size in float32) count as non-finite too. Leaves up to
     ``noise.SMALL_LEAF`` elements (unless sharded over explicit mesh axes) are summed
-    together, one flat vector per dtype (fewer
-    kernels to compile with many small leaves: 200 leaves of 16x16 compiled in 4.9 s instead
-    of 6.4 s, against 4.0 s without the guard). The verdict is computed once, in a kernel of
-    its own: left to XLA, the test of all leaves was fused into each of the update's kernels,
-    and compiling grew with the square of the number of leaves (30 s for those 200 leaves).
+    together, one flat vector per dtype: fewer kernels to compile with many small leaves
+    (200 leaves of 16x16 compiled in 4.9 s instead of 6.4 s, against 4.0 s without the
+    guard). The verdict is computed once, in a kernel of its own: left to XLA, the test of
+    all leaves was fused into each of the update's kernels, and compiling grew with the
+    square of the number of leaves (30 s for those 200 leaves).
     """
     flags = []
     small: dict[Any, list[jax.Array]] = {}
-    for g in jax.tree.leaves(grads):
+    for g in map(jnp.asarray, jax.tree.leaves(grads)):
         # Leaves sharded over explicit mesh axes cannot be concatenated with others.
         if g.size > noise.SMALL_LEAF or noise.explicit_sharding(g) is not None:
             flags.append(jnp.isfinite(_leaf_sum(g)))
