@@ -185,7 +185,8 @@ def scale_by_ivon(
                 # The guard. A step with non-finite gradients keeps g and h and returns a zero
                 # step; on a good step an element whose new h would not be finite (a NaN or
                 # inf in ĥ alone, an overflow) keeps its old h. Selects inside this kernel,
-                # no extra pass, the same bits as without the guard on a finite step.
+                # no extra pass; on a finite step the same arithmetic as without the guard
+                # (compiled apart, XLA may still round an ulp differently).
                 g_new = jnp.where(ok, g_new, g)
                 h_new = jnp.where(ok & jnp.isfinite(h_new), h_new, h)
             # No bit changes; h' is computed once, straight into the state's buffer, and the
