@@ -64,9 +64,10 @@ def state_summary(
 
     - ``step``: IVON's step count (``IVONState.count``), int32. The IVON states of one
       optimizer are updated together, so their counts agree; the largest is reported.
-    - ``skipped``: the number of steps :func:`skip_nonfinite` skipped (``ivon(...,
-      skip_nonfinite=True)``), int32; 0 without that wrapper; the largest count if there are
-      several wrappers (one per parameter group).
+    - ``skipped``: the number of steps skipped for non-finite gradients, by the default
+      guard of :func:`ivon` or by the wrapper :func:`skip_nonfinite`, int32; 0 without
+      either (``ivon(..., skip_nonfinite=False)``); the largest count if there are several
+      (one per parameter group).
     - ``h_min``, ``h_p05``, ``h_p50``, ``h_p95``, ``h_max``, ``h_mean``: quantiles (0, 5, 50,
       95, 100 %, linearly interpolated as ``numpy.quantile``) and mean of h.
     - ``sigma_min`` … ``sigma_mean``: the same for σ.
