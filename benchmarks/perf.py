@@ -151,10 +151,24 @@ def tree_bytes(tree) -> int:
 
 
 # ----------------------------------------------------------------------------- steps
-def make_steps(apply, n_train: int, samples: int = 1, mode: str = "vmap"):
+def cross_entropy(apply):
     def loss_fn(p, x, y):
         return optax.softmax_cross_entropy_with_integer_labels(apply(p, x), y).mean()
+    return loss_fn
 
+
+def ivon_train_step(vg, tx):
+    """One IVON train step ``(params, state, key, x, y) -> (params, state, loss)`` with
+    ``vg = ivon_jax.value_and_grad(loss)`` and the optimizer ``tx``."""
+    def step(params, state, key, x, y):
+        loss, grads, hess = vg(key, params, state, x, y)
+        updates, state = tx.update(grads, state, params, hess=hess)
+        return optax.apply_updates(params, updates), state, loss
+    return step
+
+
+def make_steps(apply, n_train: int, samples: int = 1, mode: str = "vmap"):
+    loss_fn = cross_entropy(apply)
     adamw = optax.adamw(1e-3, weight_decay=1e-4)
     sgd = optax.sgd(1e-2, momentum=0.9)
     ivon = ivon_jax.ivon(0.1, ess=float(n_train))
@@ -168,13 +182,8 @@ def make_steps(apply, n_train: int, samples: int = 1, mode: str = "vmap"):
             return optax.apply_updates(params, updates), state, loss
         return step
 
-    def ivon_step(params, state, key, x, y):
-        loss, grads, hess = vg(key, params, state, x, y)
-        updates, state = ivon.update(grads, state, params, hess=hess)
-        return optax.apply_updates(params, updates), state, loss
-
     return {"AdamW": (adamw, baseline(adamw)), "SGD": (sgd, baseline(sgd)),
-            "IVON": (ivon, ivon_step)}
+            "IVON": (ivon, ivon_train_step(vg, ivon))}
 
 
 def donated_caller(step, tx, params, key, *args) -> Callable[[], Any]:
@@ -207,12 +216,10 @@ def time_train_steps(name, params, apply, x, y, reps, out):
           f"ratio {row['IVON/AdamW']:.3f}", flush=True)
 
 
-def time_optimizer_alone(total: int, leaves: int, reps: int, out):
-    size = total // leaves
-    params = {f"p{i:04d}": jnp.full((size,), 0.1, jnp.float32) for i in range(leaves)}
-    grads = jax.tree.map(lambda p: p * 0.01, params)
-    adamw = optax.adamw(1e-3, weight_decay=1e-4)
-    ivon = ivon_jax.ivon(0.1, ess=1e4)
+def optimizer_alone_steps():
+    """AdamW's update and IVON's sample + estimate + update for given gradients, both as
+    ``(params, state, key, grads) -> (params, state, extra)`` (AdamW ignores the key)."""
+    adamw, ivon = optax.adamw(1e-3, weight_decay=1e-4), ivon_jax.ivon(0.1, ess=1e4)
 
     def adam_step(params, state, key, grads):
         del key
@@ -225,6 +232,14 @@ def time_optimizer_alone(total: int, leaves: int, reps: int, out):
         updates, state = ivon.update(grads, state, params, hess=hess)
         return optax.apply_updates(params, updates), state, sampled  # θ feeds the forward
 
+    return adamw, ivon, adam_step, ivon_step
+
+
+def time_optimizer_alone(total: int, leaves: int, reps: int, out):
+    size = total // leaves
+    params = {f"p{i:04d}": jnp.full((size,), 0.1, jnp.float32) for i in range(leaves)}
+    grads = jax.tree.map(lambda p: p * 0.01, params)
+    adamw, ivon, adam_step, ivon_step = optimizer_alone_steps()
     row = {"params": total, "leaves": leaves}
     calls = {
         name: donated_caller(step, tx, params, jax.random.key(1), grads)
@@ -271,23 +286,6 @@ def _many_leaves(leaves: int):
     return params, apply
 
 
-def _optimizer_alone_steps():
-    """AdamW's update and IVON's sample + estimate + update, for given gradients."""
-    adamw, ivon = optax.adamw(1e-3, weight_decay=1e-4), ivon_jax.ivon(0.1, ess=1e4)
-
-    def adam_step(params, state, grads):
-        updates, state = adamw.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    def ivon_step(params, state, key, grads):
-        sampled, noise = ivon_jax.sample_params(key, params, state)
-        hess = ivon_jax.estimate_hessian(grads, noise, state)
-        updates, state = ivon.update(grads, state, params, hess=hess)
-        return optax.apply_updates(params, updates), state, sampled
-
-    return adamw, ivon, adam_step, ivon_step
-
-
 def _compile_seconds(fn, *args) -> float:
     start = time.perf_counter()
     jax.jit(fn).lower(*args).compile()
@@ -312,8 +310,9 @@ def compile_rows(out, leaf_counts: tuple[int, ...], sizes: tuple[int, ...]):
                         step, params, tx.init(params), jax.random.key(0), x, y)
         else:
             grads = jax.tree.map(lambda p: p * 0.01, params)
-            adamw, ivon, adam_step, ivon_step = _optimizer_alone_steps()
-            row["AdamW"] = _compile_seconds(adam_step, params, adamw.init(params), grads)
+            adamw, ivon, adam_step, ivon_step = optimizer_alone_steps()
+            row["AdamW"] = _compile_seconds(
+                adam_step, params, adamw.init(params), jax.random.key(0), grads)
             row["IVON"] = _compile_seconds(
                 ivon_step, params, ivon.init(params), jax.random.key(0), grads)
         row["IVON/AdamW"] = row["IVON"] / row["AdamW"]
@@ -325,23 +324,13 @@ def compile_rows(out, leaf_counts: tuple[int, ...], sizes: tuple[int, ...]):
 def guard_rows(name, params, apply, x, y, reps, out):
     """The whole IVON step with the default non-finite guard, without it, and with the
     generic wrapper, in one run; two copies of the unguarded step show the timing noise."""
-    def loss_fn(p, x, y):
-        return optax.softmax_cross_entropy_with_integer_labels(apply(p, x), y).mean()
-
-    vg = ivon_jax.value_and_grad(loss_fn)
+    vg = ivon_jax.value_and_grad(cross_entropy(apply))
     unguarded = lambda: ivon_jax.ivon(0.1, ess=50_000.0, skip_nonfinite=False)
     txs = {"off": unguarded(), "off (again)": unguarded(),
            "default": ivon_jax.ivon(0.1, ess=50_000.0),
            "wrapper": ivon_jax.skip_nonfinite(unguarded())}
 
-    def step_for(tx):
-        def step(params, state, key, x, y):
-            loss, grads, hess = vg(key, params, state, x, y)
-            updates, state = tx.update(grads, state, params, hess=hess)
-            return optax.apply_updates(params, updates), state, loss
-        return step
-
-    calls = {k: donated_caller(step_for(tx), tx, params, jax.random.key(0), x, y)
+    calls = {k: donated_caller(ivon_train_step(vg, tx), tx, params, jax.random.key(0), x, y)
              for k, tx in txs.items()}
     t = interleaved_medians(calls, reps)
     off = (t["off"] + t["off (again)"]) / 2
@@ -468,9 +457,9 @@ def main() -> None:
     p, f = mlp(sizes, key)
     time_train_steps("MLP tiny" if args.smoke else "MLP 0.55M", p, f, x, y, reps, res["train"])
     if not args.smoke:
-        p, f = mlp((784, 2500, 2500, 784), key)
+        big_p, big_f = mlp((784, 2500, 2500, 784), key)
         yb = jax.random.randint(key, (batch,), 0, 784)
-        time_train_steps("MLP 10M", p, f, x, yb, max(reps // 3, 5), res["train"])
+        time_train_steps("MLP 10M", big_p, big_f, x, yb, max(reps // 3, 5), res["train"])
         p, f = cnn(key)
         xi = jax.random.normal(key, (batch, 28, 28, 1))
         time_train_steps("CNN", p, f, xi, y, reps, res["train"])
@@ -498,9 +487,7 @@ def main() -> None:
     p, f = mlp(sizes, key)
     guard_rows("MLP tiny" if args.smoke else "MLP 0.55M", p, f, x, y, reps, res["guard"])
     if not args.smoke:
-        p, f = mlp((784, 2500, 2500, 784), key)
-        yb = jax.random.randint(key, (batch,), 0, 784)
-        guard_rows("MLP 10M", p, f, x, yb, max(reps // 2, 5), res["guard"])
+        guard_rows("MLP 10M", big_p, big_f, x, yb, max(reps // 2, 5), res["guard"])
 
     args.out.mkdir(parents=True, exist_ok=True)
     report = write_report(res, args)
