@@ -434,6 +434,21 @@ def test_default_guard_skips_on_every_device_together():
     assert np.all(w == w[0]) and float(np.max(np.abs(w[0] - np.asarray(params["w"])))) > 0
 
 
+def _compiled_step_text(opt, loss, params, x, donate=False):
+    """The compiled text of one jitted IVON train step of ``loss(params, x)`` with ``opt``
+    (parameters and state donated if ``donate``)."""
+    vg = ivon_jax.value_and_grad(loss)
+
+    def step(params, state, key, x):
+        _, grads, hess = vg(key, params, state, x)
+        updates, state = opt.update(grads, state, params, hess=hess)
+        return optax.apply_updates(params, updates), state
+
+    jitted = jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    lowered = jitted.lower(params, opt.init(params), jax.random.key(0), x)
+    return lowered.compile().as_text()
+
+
 def test_default_guard_adds_no_pass_over_the_parameters_in_the_compiled_step():
     """The guard's no-op is a select inside the update's kernels: the compiled train step
     has exactly as many operations producing a parameter-shaped array as without the guard
@@ -446,17 +461,8 @@ def test_default_guard_adds_no_pass_over_the_parameters_in_the_compiled_step():
     def loss(p, x):
         return jnp.mean(jnp.square(jnp.tanh(x @ p["w"]) @ p["v"]))
 
-    vg = ivon_jax.value_and_grad(loss)
-
     def compiled(opt):
-        def step(params, state, key, x):
-            _, grads, hess = vg(key, params, state, x)
-            updates, state = opt.update(grads, state, params, hess=hess)
-            return optax.apply_updates(params, updates), state
-
-        state = opt.init(params)
-        text = (jax.jit(step, donate_argnums=(0, 1))
-                .lower(params, state, jax.random.key(0), x).compile().as_text())
+        text = _compiled_step_text(opt, loss, params, x, donate=True)
         entry = text[text.index("ENTRY"):]
         ops = [line.split("=", 1)[1] for line in entry.splitlines() if " = f32[37,29]" in line]
         return [op.split("(")[0].split()[-1] for op in ops]
@@ -486,16 +492,8 @@ def test_default_guard_decides_once_and_does_not_grow_each_kernel():
             h = jnp.tanh(h @ p[k])
         return jnp.mean(jnp.square(h))
 
-    vg = ivon_jax.value_and_grad(loss)
-
     def hlo_lines(opt):
-        def step(params, state, key, x):
-            _, grads, hess = vg(key, params, state, x)
-            updates, state = opt.update(grads, state, params, hess=hess)
-            return optax.apply_updates(params, updates), state
-
-        lowered = jax.jit(step).lower(params, opt.init(params), jax.random.key(0), x)
-        return len(lowered.compile().as_text().splitlines())
+        return len(_compiled_step_text(opt, loss, params, x).splitlines())
 
     plain = hlo_lines(ivon_jax.ivon(0.1, ess=100.0, skip_nonfinite=False))
     guarded = hlo_lines(ivon_jax.ivon(0.1, ess=100.0))
