@@ -192,7 +192,7 @@ def scale_by_ivon(
             # No bit changes; h' is computed once, straight into the state's buffer, and the
             # step reads it (otherwise XLA keeps a temporary that every consumer re-reads and,
             # on CPU, copies h and the parameters each step).
-            h_new = jax.lax.optimization_barrier(h_new)
+            h_new = fusion.materialize(h_new)
             g_bar = g_new / correction if debias else g_new
             u = (g_bar + wd * m) / (h_new + wd)
             if ok is not None:
