@@ -26,3 +26,19 @@ def test_perf_smoke_runs_and_reports(tmp_path):
     states = [int(s.replace(",", "")) for s in re.findall(r"\| ([\d,]+) \|\n", report)]
     adamw_state, ivon_states = states[0], states[1:]
     assert all(s - adamw_state == 12 for s in ivon_states), states
+
+
+def test_gpu_script_smoke_runs_and_keeps_its_tables_apart(tmp_path):
+    """``benchmarks/gpu.sh --smoke DIR`` (tiny sizes, any device) runs the suite and the GPT
+    comparison end to end and writes only into DIR, not over the CPU results."""
+    cpu_gpt = (ROOT / "benchmarks" / "results" / "gpt_pretrain.csv").read_bytes()
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--smoke", str(tmp_path)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("perf.md", "gpt_pretrain.csv", "gpt_pretrain.txt"):
+        assert (tmp_path / name).is_file(), name
+    assert "IVON/AdamW tokens/s ratio" in proc.stdout
+    assert "**Whole train step**" in proc.stdout  # the perf tables are printed at the end
+    assert (ROOT / "benchmarks" / "results" / "gpt_pretrain.csv").read_bytes() == cpu_gpt
