@@ -17,7 +17,7 @@ gpt_args=(--layers 6 --width 384 --heads 6 --seq 256 --batch 64 --steps 600 --ev
 if [[ "${1:-}" == "--smoke" ]]; then
   out=${2:-$(mktemp -d)}
   perf_args=(--smoke)
-  gpt_args=(--layers 1 --width 32 --heads 2 --seq 32 --batch 4 --steps 6 --eval-every 3
+  gpt_args=(--layers 1 --width 32 --heads 2 --seq 32 --batch 8 --steps 6 --eval-every 3
             --eval-batches 1 --seeds 0 --corpus-mb 0.25)
 fi
 mkdir -p "$out"
