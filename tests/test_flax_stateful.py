@@ -67,8 +67,8 @@ def _mask(stream_key, count, shape):
     return jax.random.bernoulli(jax.random.fold_in(stream_key, count), 1.0 - RATE, shape)
 
 
-def _train(model, num_samples, mode, steps, loss_fn=_mse):
-    optimizer = nnx.Optimizer(model, TX, wrt=nnx.Param)
+def _train(model, num_samples, mode, steps, loss_fn=_mse, tx=TX):
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     vg = ivon_nnx.value_and_grad(loss_fn, num_samples=num_samples, mode=mode)
 
     @nnx.jit
@@ -204,10 +204,16 @@ def test_dropout_and_batchnorm_model_trains():
 
     model = Net(nnx.Rngs(3))
     model.train()
-    _, losses = _train(model, 2, "vmap", steps=30)
+    # β₂ = 0.999 rather than TX's 0.5 (chosen there so that a few steps move h a lot): with
+    # 0.5 this net's h follows single noisy estimates down and training diverges within
+    # 80 steps whatever the keys. With 0.999, over 10 sets of step keys the mean of the last
+    # 10 minibatch losses was 0.56–0.84 of the first 10's, and 0.96–1.26 with a learning
+    # rate of 0 (the check fails when nothing is learnt).
+    tx = ivon_jax.ivon(0.05, ess=40.0, hess_init=1.0, b2=0.999)
+    _, losses = _train(model, 2, "vmap", steps=40, tx=tx)
     assert np.all(np.isfinite(losses))
-    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
-    assert int(model.drop.rngs.count[...]) == 30
+    assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10])
+    assert int(model.drop.rngs.count[...]) == 40
 
 
 def test_eval_mode_changes_nothing_and_prediction_still_refuses_training_mode():
