@@ -5,8 +5,10 @@ each; an "expensive" operation such as a division is not duplicated that way. On
 matters for IVON's new Hessian h', read both by the state output and by the step: ending h' in
 a division makes XLA write it once, straight into the donated state buffer, instead of keeping
 a temporary that both consumers re-read (which also made XLA copy h and the parameters each
-step). (The small leaves' shared noise draw is deliberately *not* materialised: slicing a
-materialised draw per leaf was measured to compile about twice as slowly on CPU.)"""
+step; an optimization barrier in its place brought those copies back when the non-finite guard
+is off). The small leaves' shared noise draw is materialised too, and each leaf reads its
+block at an offset given as data, so same-shape leaves share one compiled kernel (with the
+offsets written in as constants, every leaf's slice was a kernel of its own)."""
 
 from __future__ import annotations
 
