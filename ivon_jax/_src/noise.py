@@ -31,7 +31,6 @@ Leaves sharded over *explicit* mesh axes always use ``jax.random.normal`` with
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 from typing import Literal
@@ -229,8 +228,9 @@ def standard_normal_leaves(
     happens shard by shard.
 
     With ``"threefry"`` leaf ``i`` uses ``jax.random.split(key, n)[i]``. With ``"fast"``
-    every leaf is drawn in its own shape, in one kernel with whatever consumes it, and leaves
-    of the same shape and dtype share one compiled kernel (see ``_runtime_words``).
+    each leaf above ``SMALL_LEAF`` elements is drawn in its own shape, in one kernel with
+    whatever consumes it; smaller leaves read their blocks of one flat draw per dtype. Either
+    way leaves of the same shape and dtype share one compiled kernel (see ``_runtime_words``).
 
     With ``precisions`` (one array like each leaf, in its dtype), leaf ``i`` gets
     ``ε_i / sqrt(precisions[i])`` instead (to rounding, the same numbers as dividing
@@ -279,21 +279,22 @@ def standard_normal_leaves(
     # Small leaves: one flat draw per dtype, computed once; each leaf reads its block at an
     # offset given as data, so same-shape leaves share one compiled kernel.
     flat_draws = []
-    starts: list[tuple[int, int]] = []
+    blocks: list[tuple[int, int, int]] = []  # (leaf, its group's flat draw, block size)
+    starts: list[tuple[int, int]] = []  # (block start, 0): the sort's words come in pairs
     for group, (dtype, members) in enumerate(small.items()):
-        sizes = [int(np.prod(shapes_dtypes[i][0], dtype=np.int64)) for i in members]
-        total = sum(sizes)
+        start = 0
+        for i in members:
+            size = int(np.prod(shapes_dtypes[i][0], dtype=np.int64))
+            blocks.append((i, group, size))
+            starts.append((start, 0))
+            start += size
         z = _normal_from_counter(
-            _counters((total,), k0 + jnp.uint32(offset % 2**32)),
+            _counters((start,), k0 + jnp.uint32(offset % 2**32)),
             jnp.uint32(0),
             k1 ^ jnp.uint32(_leaf_constant(n + group)),
         )
-        offset += total
+        offset += start
         flat_draws.append(fusion.materialize(z.astype(dtype)))
-        start = 0
-        for size in sizes:
-            starts.append((start, 0))
-            start += size
     runtime = _runtime_words(k0, words + starts)
     for i, w in zip(large, runtime[: len(large)], strict=True):
         shape, dtype, _ = shapes_dtypes[i]
@@ -302,11 +303,7 @@ def standard_normal_leaves(
             _counters(tuple(shape), k0 + w[0]), jnp.uint32(0), k1 ^ w[1], precision
         )
         out[i] = z.astype(dtype)
-    small_starts = iter(runtime[len(large) :])
-    for flat, members in zip(flat_draws, small.values(), strict=True):
-        for i in members:
-            shape = tuple(shapes_dtypes[i][0])
-            start = next(small_starts)[0]
-            block = jax.lax.dynamic_slice(flat, (start,), (math.prod(shape),))
-            out[i] = scaled(i, block.reshape(shape))
+    for (i, group, size), w in zip(blocks, runtime[len(large) :], strict=True):
+        block = jax.lax.dynamic_slice(flat_draws[group], (w[0],), (size,))
+        out[i] = scaled(i, block.reshape(shapes_dtypes[i][0]))
     return out
