@@ -2,10 +2,17 @@
 
 ``python -m build`` makes the sdist from a copy of the package's files and the wheel *from
 that sdist*, so a file missing from the sdist breaks the wheel too. The wheel is installed
-(``--no-deps``) into a fresh virtual environment that sees this interpreter's packages (jax,
-optax, flax: nothing is downloaded), and the README's quickstart ("The explicit path") runs
-with it from a directory outside the source tree: it must import the installed copy, which
-carries the ``py.typed`` marker, and train.
+(``--no-deps``) into a fresh virtual environment, and the README's quickstart ("The explicit
+path") runs with it from a directory outside the source tree: it must import the installed
+copy, which carries the ``py.typed`` marker, and train.
+
+That environment borrows jax, optax and flax (nothing is downloaded) from the environment
+pytest runs in, and from nowhere else: it is made *without* ``--system-site-packages`` (which
+would give it the *base* interpreter's packages when pytest runs in a venv, not the venv's),
+and a ``.pth`` file appends the site-packages directories on this interpreter's ``sys.path``
+after its own. Its own site-packages, where the wheel goes, comes first; the source tree and
+this environment's editable-install hooks are not on its path (a ``.pth`` line is a path, its
+directory's own ``.pth`` files are not run).
 
 The build runs without isolation (no network): it needs ``build`` and the setuptools that
 ``pyproject.toml`` asks for, both in the ``test`` extra.
@@ -52,6 +59,7 @@ print(json.dumps({
     "sigma_min": min(float(s.min()) for s in sigma),
     "count": int(ivon_jax.find_ivon_states(opt_state)[0].count),
     "file": ivon_jax.__file__,
+    "jax_file": jax.__file__,
     "py_typed": (package / "py.typed").is_file(),
     "version": ivon_jax.__version__,
 }))
@@ -64,6 +72,22 @@ def _run(cmd, cwd, env=None, timeout=120):
     )
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
+
+
+_PURELIB = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+
+
+def _active_site_packages() -> list[str]:
+    """The site-packages directories on this interpreter's ``sys.path``: the active
+    environment's (a venv's own, conda's, the system's, the user site where enabled), none
+    from outside it and none in the source tree."""
+    found = []
+    for entry in sys.path:
+        path = pathlib.Path(entry or ".").resolve()
+        if (path.name in ("site-packages", "dist-packages") and path.is_dir()
+                and not path.is_relative_to(ROOT) and str(path) not in found):
+            found.append(str(path))
+    return found
 
 
 def _quickstart() -> str:
@@ -117,11 +141,14 @@ def test_wheel_installs_and_runs_the_quickstart_outside_the_source_tree(dist, tm
     assert "Requires-Dist: jax>=" in metadata and "Requires-Dist: optax>=" in metadata
 
     venv = tmp_path / "venv"
-    # The venv sees this interpreter's packages (jax & co., pip); the wheel goes into its own
-    # site-packages, which comes first on sys.path.
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
-         tmp_path)
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path)
     python = venv / "bin" / "python"
+    own = pathlib.Path(_run([str(python), "-c", _PURELIB], tmp_path).strip())
+    borrowed = _active_site_packages()
+    assert borrowed, f"no site-packages directory on sys.path: {sys.path}"
+    # After the venv's own site-packages (where the wheel goes) on its sys.path: the
+    # packages of the environment pytest runs in (jax & co., pip).
+    (own / "_outer_environment.pth").write_text("".join(f"{d}\n" for d in borrowed))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env["JAX_PLATFORMS"] = "cpu"
     _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--quiet",
@@ -135,6 +162,10 @@ def test_wheel_installs_and_runs_the_quickstart_outside_the_source_tree(dist, tm
 
     installed = pathlib.Path(result["file"]).resolve()
     assert installed.is_relative_to(venv.resolve()), installed
+    assert installed.is_relative_to(own.resolve()), installed
+    # jax is the one pytest itself imports: from the active environment, not the base Python.
+    import jax
+    assert pathlib.Path(result["jax_file"]).resolve() == pathlib.Path(jax.__file__).resolve()
     assert not installed.is_relative_to(ROOT), installed
     assert result["py_typed"]
     assert result["version"] == VERSION
@@ -144,3 +175,22 @@ def test_wheel_installs_and_runs_the_quickstart_outside_the_source_tree(dist, tm
     assert result["last"] < 0.8 * result["first"], result
     assert result["sigma_min"] > 0
 
+
+
+def test_no_test_borrows_packages_from_outside_the_active_environment():
+    """A subprocess interpreter made with ``--system-site-packages`` (or
+    ``system_site_packages=True``) sees the base interpreter's packages: inside a venv those
+    are not pytest's, so such a test passes only where the base Python happens to have jax.
+    Tests and benchmarks run their subprocesses with ``sys.executable`` instead."""
+    offenders = []
+    for folder in ("tests", "benchmarks", ".ci"):
+        for path in sorted((ROOT / folder).rglob("*")):
+            if not path.is_file() or path.suffix not in ("", ".py", ".sh"):
+                continue
+            if path.resolve() == pathlib.Path(__file__).resolve():
+                continue
+            text = path.read_text(errors="replace")
+            for needle in ("--system-site-packages", "system_site_packages=True"):
+                if needle in text:
+                    offenders.append(f"{path.relative_to(ROOT)}: {needle}")
+    assert not offenders, offenders
