@@ -76,6 +76,16 @@ def state_summary(
       ĥ pushed h down as far as it goes (often: ``hess_init`` or δ too small).
     - ``frac_h_negative``: the fraction with h < 0 (allowed: only h + δ > 0 is kept).
     - ``frac_h_nonfinite``: the fraction of NaN or ±inf in h; nonzero means σ is poisoned.
+    - ``frac_h_learned``: the fraction of elements whose h differs from the decayed initial
+      value h₀β₂ᵗ by more than a factor of 2 — where the data's ĥ, not h₀, sets σ. Near 0
+      after many steps: h only decays (h₀ far above the data's curvature, or β₂ so close to
+      1 that the run is too short); see :func:`posterior_health`.
+    - ``h_decay_share``: the mean over elements of min(1, h₀β₂ᵗ / h): the share of h that
+      is still h₀'s decay (1: none of h comes from the data; 0: all of it does).
+    - ``sigma_prior_ratio_p50``: the median of σ / σ_prior with σ_prior = 1/√(λδ), i.e.
+      √(δ / (h + δ)): near 1, σ is the prior's (the data has not narrowed it); 0 when δ = 0.
+      With ``hess_init="auto"`` these three read h₀ as calibrated so far during the first
+      20 steps.
 
     Quantiles and means ignore NaN elements (they show in ``frac_h_nonfinite``), so one bad
     element does not hide the rest; they are NaN only if every element is NaN. The float
@@ -171,4 +181,36 @@ def state_summary(
     out["frac_h_at_floor"] = fraction(at_floor)
     out["frac_h_negative"] = fraction(negative)
     out["frac_h_nonfinite"] = fraction(nonfinite)
+    out.update(_learning(states, dt, stride, n))
     return out
+
+
+def _learning(states: list, dt: Any, stride: int, n: int) -> dict[str, jax.Array]:
+    """Is the posterior learning? h against h₀β₂ᵗ, and σ against the prior's."""
+    learned, decay, ratio, count = [], [], [], jnp.zeros([], dt)
+    for st in states:
+        if st.hess_init is None or st.b2 is None:  # a state from before h₀ was kept in it
+            continue
+        t = posterior._scalar(st.count).astype(dt)
+        b2 = posterior._scalar(st.b2).astype(dt)
+        wd = posterior._scalar(st.weight_decay).astype(dt)
+        for h, h0 in zip(jax.tree.leaves(st.hess), jax.tree.leaves(st.hess_init), strict=True):
+            h = h.astype(dt)
+            decayed = posterior._scalar(h0).astype(dt) * b2**t
+            tiny = jnp.finfo(dt).tiny
+            share = jnp.clip(decayed / jnp.maximum(h, tiny), 0, 1)
+            moved = (h > 2 * decayed) | (h < 0.5 * decayed)
+            learned.append(jnp.sum(moved, dtype=dt))
+            decay.append(jnp.nansum(share))
+            count = count + h.size
+            # σ / σ_prior = sqrt(δ / (h + δ)): 1 where the data has not narrowed σ at all.
+            ratio.append(jnp.where(wd > 0, jnp.sqrt(wd / jnp.maximum(h + wd, tiny)), 0))
+    if not ratio:
+        nan = jnp.asarray(jnp.nan, dt)
+        return {"frac_h_learned": nan, "h_decay_share": nan, "sigma_prior_ratio_p50": nan}
+    levels = jnp.asarray([0.5], dt)
+    return {
+        "frac_h_learned": sum(learned) / count,
+        "h_decay_share": sum(decay) / count,
+        "sigma_prior_ratio_p50": _nan_quantiles(_strided_concat(ratio, stride), levels)[0],
+    }

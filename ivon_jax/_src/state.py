@@ -26,6 +26,12 @@ class IVONState(NamedTuple):
     hess: optax.Updates  # h: like params, dtype promote(param, float32)
     ess: jax.Array  # shape=(), canonical float: λ used for σ = 1 / sqrt(λ (h + δ))
     weight_decay: jax.Array  # shape=(), canonical float: δ used for σ
+    # h₀ of each leaf (a tree like params of shape-() arrays in h's dtype): the constant
+    # `hess_init`, or with `hess_init="auto"` the value calibrated from the first steps' ĥ
+    # (until then, the running average of the leaf means of ĥ). Read by `state_summary` to tell
+    # the data's curvature from h₀'s decay, and by the "auto" rescaling of the step.
+    hess_init: optax.Updates = None
+    b2: jax.Array | None = None  # shape=(), canonical float: β₂ (h₀β₂ᵗ is h₀'s share of h)
 
 
 ScaleByIVONState = IVONState

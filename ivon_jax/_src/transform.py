@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from numpy import integer as np_integer
 import optax
 from optax._src import numerics
 
@@ -19,6 +20,39 @@ from ivon_jax._src.state import hess_lower_bound
 from ivon_jax._src.state import scalar_dtype
 from ivon_jax._src.state import stats_dtype
 from ivon_jax._src.wrappers import SkipNonFiniteState
+
+# `hess_init="auto"`: h holds AUTO_PLACEHOLDER for the first AUTO_STEPS updates while the
+# leaf means of ĥ are summed; then each leaf's h₀ is that average (at least AUTO_SHARE of the
+# average over all elements, so that a small, noisy leaf is not set near zero) and h starts
+# from it. See `ivon`'s docstring.
+AUTO = "auto"
+AUTO_STEPS = 20
+AUTO_PLACEHOLDER = 1.0
+AUTO_SHARE = 0.5
+
+# `ivon(..., total_steps=T)` with `b2=None`: β₂ = 1 - B2_HORIZONS / T, so that h₀'s share of h
+# at the end of the run is β₂ᵀ ≈ exp(-B2_HORIZONS) (benchmarks/defaults_study.py).
+B2_HORIZONS = 5.0
+B2_LEGACY = 0.99999
+
+
+def b2_for(total_steps: int | None) -> float:
+    """β₂ for a run of ``total_steps`` optimizer steps: ``1 - B2_HORIZONS / total_steps``
+    (the paper's 0.99999 without a step count)."""
+    if total_steps is None:
+        return B2_LEGACY
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int | np_integer):
+        raise TypeError(
+            f"ivon_jax: `total_steps` must be a positive int (the run's number of optimizer "
+            f"steps), got {total_steps!r}"
+        )
+    if total_steps <= B2_HORIZONS:
+        raise ValueError(
+            f"ivon_jax: `total_steps` must be more than {B2_HORIZONS:g} (β₂ = 1 - "
+            f"{B2_HORIZONS:g} / total_steps must be in (0, 1)), got {total_steps}"
+        )
+    return 1.0 - B2_HORIZONS / int(total_steps)
+
 
 # The keyword under which `ivon(..., skip_nonfinite=True)` hands its verdict on the gradients
 # (a boolean scalar) to the transforms of its chain.
@@ -40,7 +74,15 @@ def _check_common(ess: Any, hess_init: Any, b1: Any, b2: Any, weight_decay: Any)
     checks.check_hyperparam(
         "ess", ess, lambda x: 0 < x < math.inf, "> 0 and finite (usually the training-set size)"
     )
-    checks.check_hyperparam("hess_init", hess_init, lambda x: 0 < x < math.inf, "> 0 and finite")
+    if isinstance(hess_init, str):
+        if hess_init != AUTO:
+            raise ValueError(
+                f"ivon_jax: `hess_init` must be a number > 0 or {AUTO!r}, got {hess_init!r}"
+            )
+    else:
+        checks.check_hyperparam(
+            "hess_init", hess_init, lambda x: 0 < x < math.inf, f"> 0 and finite, or {AUTO!r}"
+        )
     rounded_hint = (
         "in [0, 1) (under `optax.inject_hyperparams` with bfloat16 parameters, pass "
         "`hyperparam_dtype=jnp.float32`: in bfloat16 a decay such as 0.99999 rounds to 1)"
@@ -59,6 +101,8 @@ def scale_by_ivon(
     b2: float | jax.Array = 0.99999,
     weight_decay: float | jax.Array = 1e-4,
     debias: bool = True,
+    *,
+    rescale_auto: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""IVON's preconditioning: momentum, the Hessian update and the natural-gradient step.
 
@@ -79,11 +123,15 @@ def scale_by_ivon(
     Args:
       ess: effective sample size λ (> 0), usually the training-set size. No default: a
         value of 1 gives enormous noise.
-      hess_init: initial Hessian estimate h₀ (> 0).
+      hess_init: initial Hessian estimate h₀ (> 0), or ``"auto"``: h₀ calibrated per leaf
+        from the first 20 steps' ĥ (see :func:`ivon`).
       b1: momentum decay β₁ in [0, 1).
       b2: Hessian decay β₂ in [0, 1).
       weight_decay: prior precision δ (≥ 0); enters as the prior, not as decoupled decay.
       debias: divide the momentum by 1 - β₁ᵗ.
+      rescale_auto: with ``hess_init="auto"``, multiply each leaf's step by h₀ + δ with that
+        leaf's h₀ (the per-leaf form of :func:`ivon`'s ``rescale_lr``, which ``ivon`` turns
+        on here). Ignored for a numeric ``hess_init``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state, params,
@@ -98,6 +146,8 @@ def scale_by_ivon(
       Shen et al., "Variational Learning is Effective for Large Deep Networks", ICML 2024.
     """
     _check_common(ess, hess_init, b1, b2, weight_decay)
+    auto = isinstance(hess_init, str)
+    h_start = AUTO_PLACEHOLDER if auto else hess_init
 
     def init_fn(params: optax.Params) -> IVONState:
         _check_float_leaves(params)
@@ -108,7 +158,11 @@ def scale_by_ivon(
             return jnp.zeros_like(p, dtype=stats_dtype(jnp.result_type(p)))
 
         def full(p: jax.Array) -> jax.Array:
-            return jnp.full_like(p, hess_init, dtype=stats_dtype(jnp.result_type(p)))
+            return jnp.full_like(p, h_start, dtype=stats_dtype(jnp.result_type(p)))
+
+        def h0(p: jax.Array) -> jax.Array:
+            # With "auto": the running average of ĥ's leaf mean until the calibration ends.
+            return jnp.asarray(h_start, stats_dtype(jnp.result_type(p)))
 
         return IVONState(
             count=jnp.zeros([], jnp.int32),
@@ -116,6 +170,8 @@ def scale_by_ivon(
             hess=jax.tree.map(full, params),
             ess=jnp.asarray(ess, sd),
             weight_decay=jnp.asarray(weight_decay, sd),
+            hess_init=jax.tree.map(h0, params),
+            b2=jnp.asarray(b2, sd),
         )
 
     def update_fn(
@@ -154,6 +210,13 @@ def scale_by_ivon(
         count = numerics.safe_increment(state.count)
         if ok is not None:
             count = jnp.where(ok, count, state.count)
+        h0_tree = state.hess_init
+        if h0_tree is None:  # a state made before h₀ was kept in it
+            h0_tree = jax.tree.map(lambda h: jnp.asarray(h_start, h.dtype), state.hess)
+        if auto:
+            h0_tree, calibrating, finishing = _auto_calibrate(
+                hess, h0_tree, state.count, count, weight_decay
+            )
 
         scalars: dict[Any, tuple[jax.Array, ...]] = {}
 
@@ -170,7 +233,8 @@ def scale_by_ivon(
             return scalars[dt]
 
         def leaf_update(
-            g_hat: jax.Array, h_hat: jax.Array, p: jax.Array, g: jax.Array, h: jax.Array
+            g_hat: jax.Array, h_hat: jax.Array, p: jax.Array, g: jax.Array, h: jax.Array,
+            h0: jax.Array,
         ) -> tuple[jax.Array, jax.Array, jax.Array]:
             b1_, one_b1, b2_, one_b2, half_sq, wd, h_min, correction = constants(h.dtype)
             dt = h.dtype
@@ -178,6 +242,12 @@ def scale_by_ivon(
             g_hat, h_hat, m = g_hat.astype(dt), h_hat.astype(dt), p.astype(dt)
             g_new = b1_ * g + one_b1 * g_hat
             h_new = b2_ * h + one_b2 * h_hat + half_sq * jnp.square(h - h_hat) / (h + wd)
+            if auto:
+                # While calibrating h stays at the placeholder; on the last calibration step
+                # it starts from the leaf's h₀.
+                h_new = jnp.where(
+                    calibrating, h, jnp.where(finishing, jnp.broadcast_to(h0, h.shape), h_new)
+                )
             # In exact arithmetic h + δ only shrinks by half per step; in floating point it
             # can underflow or cancel to 0 (then 0/0). Keep it at a floor; NaN still passes.
             h_new = jnp.maximum(h_new, h_min)
@@ -195,11 +265,16 @@ def scale_by_ivon(
             h_new = fusion.materialize(h_new)
             g_bar = g_new / correction if debias else g_new
             u = (g_bar + wd * m) / (h_new + wd)
+            if auto and rescale_auto:
+                scale = jnp.where(calibrating, jnp.asarray(AUTO_PLACEHOLDER, dt), h0) + wd
+                u = u * scale
             if ok is not None:
                 u = jnp.where(ok, u, jnp.zeros((), dt))
             return u.astype(p.dtype), g_new, h_new
 
-        out = jax.tree.map(leaf_update, updates, hess, params, state.momentum, state.hess)
+        out = jax.tree.map(
+            leaf_update, updates, hess, params, state.momentum, state.hess, h0_tree
+        )
         # `out` holds a triple where params has a leaf; split it into three trees.
         treedef = jax.tree.structure(params)
         triples = treedef.flatten_up_to(out)
@@ -211,9 +286,52 @@ def scale_by_ivon(
             hess=h_new,
             ess=jnp.asarray(ess, sd),
             weight_decay=jnp.asarray(weight_decay, sd),
+            hess_init=h0_tree,
+            b2=jnp.asarray(b2, sd),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _auto_calibrate(
+    hess: optax.Updates, h0_tree: optax.Updates, old_count: jax.Array, count: jax.Array,
+    weight_decay: Any,
+) -> tuple[optax.Updates, jax.Array, jax.Array]:
+    """One step of ``hess_init="auto"``'s calibration.
+
+    For the first ``AUTO_STEPS`` updates ``h0_tree`` holds the running average of each leaf's
+    mean ĥ (non-finite elements count as 0); the update that completes them sets each leaf's
+    h₀ = max(that average, AUTO_SHARE x the average over all elements, max(δ, 1e-8)).
+    Returns the new tree and two flags: ``calibrating`` (this update is one of the first
+    ``AUTO_STEPS - 1``: h keeps its placeholder) and ``finishing`` (this update completes the
+    calibration: h starts from h₀). A skipped step (``count`` not advanced) changes nothing.
+    """
+    advanced = count > old_count
+    in_window = advanced & (count <= AUTO_STEPS)
+    finishing = advanced & (count == AUTO_STEPS)
+    calibrating = count < AUTO_STEPS
+
+    def running_mean(h_hat: jax.Array, h0: jax.Array) -> jax.Array:
+        h_hat = jnp.asarray(h_hat).astype(h0.dtype)
+        x = jnp.mean(jnp.where(jnp.isfinite(h_hat), h_hat, 0)) if h_hat.size else h0
+        step = (x - h0) / jnp.maximum(count, 1).astype(h0.dtype)
+        return jnp.where(in_window, h0 + step, h0)
+
+    means = jax.tree.map(running_mean, hess, h0_tree)
+    leaves, treedef = jax.tree.flatten(means)
+    sizes = [int(jnp.size(h)) for h in jax.tree.leaves(hess)]
+    total = max(sum(sizes), 1)
+    overall = sum(
+        (m.astype(jnp.float32) * n for m, n in zip(leaves, sizes, strict=True)),
+        jnp.zeros([], jnp.float32),
+    ) / total
+
+    def finish(m: jax.Array) -> jax.Array:
+        floor = jnp.maximum(jnp.asarray(weight_decay, m.dtype), jnp.asarray(1e-8, m.dtype))
+        value = jnp.maximum(jnp.maximum(m, AUTO_SHARE * overall.astype(m.dtype)), floor)
+        return jnp.where(finishing, value, m)
+
+    return treedef.unflatten([finish(m) for m in leaves]), calibrating, finishing
 
 
 def ivon(
@@ -221,12 +339,13 @@ def ivon(
     ess: float | jax.Array,
     hess_init: float | jax.Array = 1.0,
     b1: float | jax.Array = 0.9,
-    b2: float | jax.Array = 0.99999,
+    b2: float | jax.Array | None = None,
     weight_decay: float | jax.Array = 1e-4,
     clip_radius: float | jax.Array | None = None,
     rescale_lr: bool = True,
     debias: bool = True,
     *,
+    total_steps: int | None = None,
     skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The IVON optimizer (Improved Variational Online Newton) as an optax transform.
@@ -255,12 +374,19 @@ def ivon(
       ess: effective sample size λ > 0 (usually the training-set size N).
       hess_init: h₀ > 0 (0.01 – 1; 0.1 is typical for CNNs).
       b1: momentum decay β₁ in [0, 1).
-      b2: Hessian decay β₂ in [0, 1) (0.99999; use 0.999 – 0.9999 for short runs).
+      b2: Hessian decay β₂ in [0, 1). ``None`` (the default): ``1 - B2_HORIZONS /
+        total_steps`` when ``total_steps`` is given (see there), else 0.99999 (the paper's
+        value, meant for runs of 10⁵ steps and more).
       weight_decay: δ ≥ 0, the prior precision divided by λ.
       clip_radius: ξ > 0 for an element-wise clip of the preconditioned step (1e-3 for
         transformers), or ``None`` for no clipping.
       rescale_lr: scale the learning rate by h₀ + δ (as the reference implementation).
       debias: debias the momentum by 1 - β₁ᵗ.
+      total_steps: the number of optimizer steps the run will take (as for a learning-rate
+        schedule). With ``b2=None`` it sets β₂ = 1 - B2_HORIZONS / ``total_steps``, so that
+        h forgets its initial value h₀ over the run (h₀'s share of h is
+        β₂ᵀ ≈ e^-B2_HORIZONS at the end) and holds the data's curvature instead; see the
+        hyper-parameter guide for the study behind it. Ignored when ``b2`` is given.
       skip_nonfinite: the guard against non-finite values, on by default. A step whose
         gradients hold a NaN or an infinity (one bad batch, micro-batch or device) is a
         no-op: zero updates, g, h, IVON's count and the schedule's count unchanged, and
@@ -298,19 +424,23 @@ def ivon(
         checks.check_hyperparam(
             "learning_rate", learning_rate, lambda x: 0 <= x < math.inf, ">= 0 and finite"
         )
+    b2 = b2_for(total_steps) if b2 is None else b2
     if clip_radius is not None:
         checks.check_hyperparam("clip_radius", clip_radius, lambda x: x > 0, "> 0 or None")
     _check_common(ess, hess_init, b1, b2, weight_decay)
 
     lr: optax.ScalarOrSchedule = learning_rate
-    if rescale_lr:
+    auto = isinstance(hess_init, str)
+    if rescale_lr and not auto:
         scale = hess_init + weight_decay
         if callable(learning_rate):
             schedule = learning_rate
             lr = lambda count: schedule(count) * scale
         else:
             lr = learning_rate * scale
-    parts = [scale_by_ivon(ess, hess_init, b1, b2, weight_decay, debias)]
+    parts = [
+        scale_by_ivon(ess, hess_init, b1, b2, weight_decay, debias, rescale_auto=rescale_lr)
+    ]
     if clip_radius is not None:
         parts.append(optax.clip(clip_radius))
     parts.append(_scale_by_negative_lr(lr))
