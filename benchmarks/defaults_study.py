@@ -156,8 +156,9 @@ def run_task(name: str, spec: dict, quick: bool, writer, out_rows: list,
             row = dict(task=name, steps=total, h0=st["h0"], h0_used=f"{h0_used:.4g}",
                        b2=st["b2"], b2_value=f"{b2_value(st['b2'], total):.6g}",
                        ess_factor=st["ess"], wd=st["wd"], lr=lr, seed=seed,
-                       val_acc=f"{mc['acc']:.4g}", val_nll=f"{mc['nll']:.5g}",
-                       val_ece=f"{mc['ece']:.4g}", mean_acc=f"{mean['acc']:.4g}",
+                       val_acc=f"{mc.get('acc', np.nan):.4g}", val_nll=f"{mc['nll']:.5g}",
+                       val_ece=f"{mc.get('ece', np.nan):.4g}",
+                       mean_acc=f"{mean.get('acc', np.nan):.4g}",
                        mean_nll=f"{mean['nll']:.5g}",
                        **{k: f"{v:.4g}" for k, v in h_stats(s_r).items()})
             writer.writerow(row)

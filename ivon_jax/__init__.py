@@ -8,6 +8,7 @@ from ivon_jax import merging
 from ivon_jax import metrics
 from ivon_jax import predictive
 from ivon_jax import sensitivity
+from ivon_jax._src.diagnostics import posterior_health
 from ivon_jax._src.diagnostics import state_summary
 from ivon_jax._src.estimators import estimate_hessian
 from ivon_jax._src.grad import accumulated_value_and_grad
@@ -34,6 +35,7 @@ __all__ = [
     "ivon",
     "merging",
     "metrics",
+    "posterior_health",
     "posterior_std",
     "predictive",
     "sample_params",

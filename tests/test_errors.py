@@ -297,7 +297,10 @@ def test_masked_without_compatible_extra_args():
 
 def test_inject_hyperparams_under_jit_no_spurious_error():
     params = _params()
-    tx = optax.inject_hyperparams(ivon_jax.ivon)(learning_rate=0.1, ess=10.0, clip_radius=1.0)
+    # b2 given: with its default None (β₂ from total_steps) inject_hyperparams would hold it
+    # as a static argument, not as a hyper-parameter in the state.
+    tx = optax.inject_hyperparams(ivon_jax.ivon)(learning_rate=0.1, ess=10.0, clip_radius=1.0,
+                                                 b2=0.99999)
     state = tx.init(params)
     grads = jax.tree.map(jnp.ones_like, params)
     hess = jax.tree.map(jnp.ones_like, params)

@@ -20,6 +20,9 @@ KEYS = {
     "frac_h_at_floor",
     "frac_h_negative",
     "frac_h_nonfinite",
+    "frac_h_learned",
+    "h_decay_share",
+    "sigma_prior_ratio_p50",
     *(f"{n}_{s}" for n in ("h", "sigma") for s in (*SUFFIXES, "mean")),
 }
 PARAMS = {"a": jnp.zeros((4, 5), jnp.float32), "b": jnp.zeros(7, jnp.float32)}

@@ -214,3 +214,75 @@ def _learning(states: list, dt: Any, stride: int, n: int) -> dict[str, jax.Array
         "h_decay_share": sum(decay) / count,
         "sigma_prior_ratio_p50": _nan_quantiles(_strided_concat(ratio, stride), levels)[0],
     }
+
+
+# Thresholds of `posterior_health` (what the defaults study saw in healthy and failing runs).
+_MIN_STEPS = 100
+_LEARNED_MIN = 0.1
+_DECAY_MAX = 0.9
+_PRIOR_RATIO_MAX = 0.5
+
+
+def posterior_health(
+    opt_state_or_summary: Any, *, warn: bool = True
+) -> list[str]:
+    r"""Says, in words, whether the posterior is learning; logs a warning for each problem.
+
+    Reads :func:`state_summary` (or takes its output) and reports two failure modes that
+    train without an error but leave IVON's σ meaningless:
+
+    - **h only decays**: after at least 100 steps fewer than 10 % of the elements' h differ
+      from h₀β₂ᵗ by more than a factor of 2 (``frac_h_learned``) and most of h is still
+      h₀'s decay (``h_decay_share`` > 0.9). The data's curvature has not entered σ: β₂ is
+      too close to 1 for the run (pass ``total_steps=`` to :func:`ivon`, which sets
+      β₂ = 1 - 2/T) or h₀ is far above the data's curvature.
+    - **σ near the prior**: for half of the elements σ is more than half of the prior's
+      1/√(λδ) (``sigma_prior_ratio_p50`` > 0.5): the data has not narrowed the posterior
+      there, and samples are nearly as wide as the prior (raise ``ess`` or ``weight_decay``).
+
+    Not jittable (it turns the summary into Python floats): call it every few hundred steps
+    or at the end of training, outside ``jit``.
+
+    Args:
+      opt_state_or_summary: an optimizer state holding IVON state(s), or the dict returned
+        by :func:`state_summary`.
+      warn: log each message with ``logging.getLogger("ivon_jax").warning``.
+
+    Returns:
+      The messages, empty when neither problem shows.
+
+    Example:
+      >>> import jax.numpy as jnp, ivon_jax
+      >>> state = ivon_jax.ivon(0.1, ess=100.0).init({"w": jnp.zeros(3)})
+      >>> ivon_jax.posterior_health(state)   # step 0: too early to tell
+      []
+    """
+    import logging
+
+    summary = opt_state_or_summary
+    if not (isinstance(summary, dict) and "frac_h_learned" in summary):
+        summary = state_summary(opt_state_or_summary)
+    value = lambda k: float(summary[k])
+    step = int(summary["step"])
+    messages = []
+    learned, decay = value("frac_h_learned"), value("h_decay_share")
+    if step >= _MIN_STEPS and learned < _LEARNED_MIN and decay > _DECAY_MAX:
+        messages.append(
+            f"ivon_jax: after {step} steps h is still h₀'s decay h₀β₂ᵗ for "
+            f"{100 * (1 - learned):.0f} % of the weights (frac_h_learned = {learned:.3f}, "
+            f"h_decay_share = {decay:.3f}): the data's curvature has not entered σ. Pass "
+            "`total_steps=` to `ivon_jax.ivon` (β₂ = 1 - 2/T) or a smaller `b2`, or a "
+            "`hess_init` nearer the data's curvature."
+        )
+    ratio = value("sigma_prior_ratio_p50")
+    if step >= _MIN_STEPS and ratio > _PRIOR_RATIO_MAX:
+        messages.append(
+            f"ivon_jax: σ is near the prior's 1/√(λδ) for half of the weights (median σ / "
+            f"σ_prior = {ratio:.2f}): the data has not narrowed the posterior there. A larger "
+            "`ess` (a colder posterior) or `weight_decay` narrows it."
+        )
+    if warn:
+        log = logging.getLogger("ivon_jax")
+        for m in messages:
+            log.warning(m)
+    return messages
