@@ -177,8 +177,8 @@ def best_table(rows: list[dict]) -> str:
     for r in rows:
         key = (r["task"], r["h0"], r["b2"], r["ess_factor"], r["wd"])
         groups.setdefault(key, {}).setdefault(float(r["lr"]), []).append(r)
-    out = ["| task | h0 | b2 | ess/N | best lr | val NLL | val acc | decay share | "
-           "frac learned | σ/σ_prior |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    out = ["| task | h0 | b2 | ess/N | δ | best lr | val NLL | val acc | decay share | "
+           "frac learned | σ/σ_prior |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def mean(rs, k):
         v = [float(r[k]) for r in rs]
@@ -187,7 +187,8 @@ def best_table(rows: list[dict]) -> str:
     for key, by_lr in groups.items():
         lr, rs = min(by_lr.items(), key=lambda kv: np.nan_to_num(mean(kv[1], "val_nll"),
                                                                  nan=np.inf))
-        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]:g} | {lr:g} | "
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {float(key[3]):g} | "
+                   f"{float(key[4]):g} | {lr:g} | "
                    f"{mean(rs, 'val_nll'):.3f} | {mean(rs, 'val_acc'):.1f} | "
                    f"{mean(rs, 'decay_share'):.3f} | {mean(rs, 'frac_learned'):.3f} | "
                    f"{mean(rs, 'sigma_prior_ratio'):.3f} |")
