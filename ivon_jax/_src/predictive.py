@@ -288,7 +288,7 @@ def predict_proba(
         \qquad \theta_s \sim q = N(m, \sigma^2),
 
     with the softmax over the last axis of ``apply_fn``'s logits. The paper uses S = 64 at
-    test time; more samples help NLL most. (The prediction at the mean, "IVON@mean", is
+    test time; more samples help NLL most. (The prediction at the mean, ``IVON@mean``, is
     ``softmax(apply_fn(params, *inputs))``.)
 
     Args:
