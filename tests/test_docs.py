@@ -153,6 +153,13 @@ def test_notebook_is_rendered_with_its_figures(html, notebook):
     assert "<img" in page.read_text(encoding="utf-8"), f"{notebook}: no figure rendered"
 
 
+@pytest.mark.parametrize("module_name,name", _public_names(), ids=lambda x: x)
+def test_public_name_has_an_example(module_name, name):
+    """Every public function and class shows a runnable ``>>>`` example (run below)."""
+    obj = getattr(importlib.import_module(module_name), name)
+    assert ">>> " in (obj.__doc__ or ""), f"{module_name}.{name} has no Example section"
+
+
 def _docstring_tests(module_name: str) -> list[doctest.DocTest]:
     module = importlib.import_module(module_name)
     return [t for t in doctest.DocTestFinder().find(module, module_name) if t.examples]
