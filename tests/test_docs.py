@@ -10,6 +10,7 @@ and rank promotion and its 8 simulated devices, and pytest's warnings-as-errors.
 import doctest
 import importlib
 import json
+import os
 import pkgutil
 import subprocess
 import sys
@@ -158,6 +159,25 @@ def test_public_name_has_an_example(module_name, name):
     """Every public function and class shows a runnable ``>>>`` example (run below)."""
     obj = getattr(importlib.import_module(module_name), name)
     assert ">>> " in (obj.__doc__ or ""), f"{module_name}.{name} has no Example section"
+
+
+def test_landing_page_example_runs(tmp_path):
+    """docs/index.md's complete example trains, predicts with the MC predictive and learns.
+
+    It runs as a user would run it: a script in a fresh interpreter, with JAX's default
+    settings (not conftest's strict promotion) and one CPU device.
+    """
+    text = (DOCS / "index.md").read_text(encoding="utf-8")
+    section = text.split("## A complete example", 1)[1]
+    code = section.split("```python\n", 1)[1].split("\n```", 1)[0]
+    script = tmp_path / "example.py"
+    script.write_text(code + "\nassert probs.shape == (512, 2), probs.shape\n")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    accuracy = float(proc.stdout.split("accuracy ")[1].split(",")[0])
+    assert accuracy > 0.9, proc.stdout  # the classes are linearly separable
 
 
 def _docstring_tests(module_name: str) -> list[doctest.DocTest]:
