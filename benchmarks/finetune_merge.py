@@ -37,7 +37,9 @@ Default run: 10.9 minutes on this project's 2-core machine while another job was
 (13 minutes of CPU time), with the base model loaded from its checkpoint (pretraining it took
 1.7 minutes more). ``--quick`` runs a tiny version (about 30 s). Writes
 ``finetune_merge.csv`` (every fine-tuning run and evaluation), ``finetune_merge.merging.csv``
-(every merge and evaluation) and ``finetune_merge.md`` (the tables) to ``--out``.
+(every merge and evaluation) and ``finetune_merge.md`` (the tables) to ``--out``
+(default ``benchmarks/results/``; a ``--quick`` run without ``--out`` writes to a new temporary
+folder, never over the committed results).
 
     python benchmarks/finetune_merge.py [--quick] [--seeds 0 1 2] [--out DIR]
 """
@@ -52,6 +54,7 @@ import json
 import pathlib
 import sys
 import sysconfig
+import tempfile
 import time
 
 import jax
@@ -399,8 +402,13 @@ def main() -> None:
         default=None,
         help="folder of base-model checkpoints (default OUT/finetune_merge.base)",
     )
-    ap.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    ap.add_argument("--out", type=pathlib.Path, default=None,
+                    help="default: benchmarks/results/; a --quick run: a new temporary folder")
     args = ap.parse_args()
+    # A --quick run never writes over the committed results of the full run.
+    if args.out is None:
+        quick_out = pathlib.Path(tempfile.mkdtemp(prefix="finetune_merge_")) if args.quick else None
+        args.out = quick_out or RESULTS
     if args.quick:
         args.layers, args.width, args.heads, args.seq = 1, 32, 2, 32
         args.pretrain_steps, args.pretrain_batch, args.corpus_mb = 20, 8, 0.5

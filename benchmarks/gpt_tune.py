@@ -26,7 +26,8 @@ best b1 at the grid's edge (0.8), so both got a last b1 stage below it.
 
 Every configuration is appended to ``gpt_tune.csv`` as it finishes; the best of each optimizer
 is printed at the end. ``--quick`` is a seconds-long smoke test (two configurations each, a
-1-layer width-32 model, 5 steps).
+1-layer width-32 model, 5 steps) that writes to ``--out`` or, without it, to a new temporary
+folder, never over the committed ``benchmarks/results/gpt_tune.csv``.
 
     python benchmarks/gpt_tune.py            # about 50 min on 2 shared CPU cores
 """
@@ -38,6 +39,7 @@ import csv
 import math
 import pathlib
 import sys
+import tempfile
 import time
 
 import jax
@@ -105,10 +107,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 2 configurations each, 1x32 model, 5 steps")
-    ap.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    ap.add_argument("--out", type=pathlib.Path, default=None,
+                    help="default: benchmarks/results/; a --quick run: a new temporary folder")
     ap.add_argument("--resume", action="store_true",
                     help="keep the configurations already in the CSV, run only the missing ones")
     args = ap.parse_args()
+    # A --quick run never writes over the committed results of the full run.
+    if args.out is None:
+        args.out = pathlib.Path(tempfile.mkdtemp(prefix="gpt_tune_")) if args.quick else RESULTS
     stages = STAGES
     if args.quick:
         args.layers, args.width, args.heads, args.seq, args.batch = 1, 32, 2, 16, 8

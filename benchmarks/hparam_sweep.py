@@ -10,7 +10,8 @@ not a result; the test split is never read), mean ± std over ``--seeds`` seeds 
 the NLL and ECE of the MC predictive, the NLL at the mean, and the final state's median σ and
 fraction of negative h (``ivon_jax.state_summary``).
 
-Writes ``benchmarks/results/hparam_sweep.{csv,md}``. About 5 minutes on 2 CPU cores.
+Writes ``benchmarks/results/hparam_sweep.{csv,md}`` (``--quick``: ``--out`` or a new temporary
+folder). About 5 minutes on 2 CPU cores.
 
 Usage::
 
@@ -25,6 +26,7 @@ import csv
 import dataclasses
 import pathlib
 import sys
+import tempfile
 import time
 
 import jax
@@ -77,10 +79,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=None, help="override (tiny runs)")
     ap.add_argument("--samples", type=int, default=32)
-    ap.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    ap.add_argument("--out", type=pathlib.Path, default=None,
+                    help="default: benchmarks/results/; a --quick run: a new temporary folder")
     ap.add_argument("--quick", action="store_true",
                     help="tiny (CI): digits, 1 epoch, 2 seeds, 3 variants, 2 samples")
     args = ap.parse_args()
+    # A --quick run never writes over the committed results of the full run.
+    if args.out is None:
+        args.out = pathlib.Path(tempfile.mkdtemp(prefix="hparam_sweep_")) if args.quick else RESULTS
     pick = lambda vs: vs
     if args.quick:
         args.tasks, args.epochs, args.seeds, args.samples = ["digits-mlp"], 1, 2, 2

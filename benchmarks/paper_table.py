@@ -26,7 +26,8 @@ with an MLP (64-128-128-10), and a 1-D regression whose validation/test inputs c
 in the training inputs (Gaussian predictive with a learned noise scale; test NLL and RMSE).
 
 Writes ``benchmarks/results/paper_table.csv`` (every tuning run and every test run),
-``paper_table.md`` (the tables) and ``paper_table.png``.
+``paper_table.md`` (the tables) and ``paper_table.png`` (``--quick``: ``--out`` or a new temporary
+folder, never over the committed results).
 
 Usage::
 
@@ -42,6 +43,7 @@ import csv
 import functools
 import pathlib
 import sys
+import tempfile
 import time
 
 import jax
@@ -238,8 +240,12 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", choices=all_tasks, default=all_tasks)
     ap.add_argument("--seeds", type=int, default=15, help="final runs per optimizer (≥ 5)")
     ap.add_argument("--quick", action="store_true", help="a tiny version for CI")
-    ap.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    ap.add_argument("--out", type=pathlib.Path, default=None,
+                    help="default: benchmarks/results/; a --quick run: a new temporary folder")
     args = ap.parse_args()
+    # A --quick run never writes over the committed results of the full run.
+    if args.out is None:
+        args.out = pathlib.Path(tempfile.mkdtemp(prefix="paper_table_")) if args.quick else RESULTS
     n_seeds = 2 * K if args.quick else args.seeds
     if n_seeds < K:
         raise SystemExit(f"--seeds must be at least {K}")

@@ -21,7 +21,8 @@ Sections:
   6. The non-finite guard: the whole MLP steps with IVON's default guard, without it
      (``skip_nonfinite=False``) and with the generic wrapper ``ivon_jax.skip_nonfinite``.
 
-Writes ``benchmarks/results/perf.md`` (Markdown tables) and ``benchmarks/results/perf.png``.
+Writes ``benchmarks/results/perf.md`` (Markdown tables) and ``benchmarks/results/perf.png``
+(``--out DIR`` elsewhere; a ``--smoke`` run without ``--out`` writes to a new temporary folder).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import argparse
 import pathlib
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -441,8 +443,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, few repetitions")
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    ap.add_argument("--out", type=pathlib.Path, default=None,
+                    help="default: benchmarks/results/; a --smoke run: a new temporary folder")
     args = ap.parse_args()
+    # A --smoke run never writes over the committed results of the full run.
+    if args.out is None:
+        args.out = pathlib.Path(tempfile.mkdtemp(prefix="perf_")) if args.smoke else RESULTS
     reps = args.reps or (3 if args.smoke else 30)
     scale = 0.001 if args.smoke else 1.0
     key = jax.random.key(0)

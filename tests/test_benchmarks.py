@@ -1,6 +1,7 @@
 """CI runs a tiny version of the performance suite: it must run end to end and report sane
 numbers (the full suite is `python benchmarks/perf.py`; timings are never asserted)."""
 
+import os
 import pathlib
 import re
 import subprocess
@@ -10,12 +11,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_perf_smoke_runs_and_reports(tmp_path):
+    """Without --out, the smoke run writes into a new temporary folder (here under tmp_path,
+    through TMPDIR), never over the committed full-run results in benchmarks/results/."""
+    committed = (ROOT / "benchmarks" / "results" / "perf.md").read_bytes()
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "perf.py"), "--smoke", "--out", str(tmp_path)],
+        [sys.executable, str(ROOT / "benchmarks" / "perf.py"), "--smoke"],
         capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = (tmp_path / "perf.md").read_text()
+    (out,) = tmp_path.glob("perf_*")
+    assert f"wrote {out / 'perf.md'}" in proc.stdout
+    assert (ROOT / "benchmarks" / "results" / "perf.md").read_bytes() == committed
+    report = (out / "perf.md").read_text()
     for section in ("Whole train step", "Optimizer alone", "Memory", "compile time", "Noise",
                     "Non-finite guard"):
         assert section in report

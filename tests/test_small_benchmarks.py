@@ -3,6 +3,7 @@ study): they must run end to end and write what they promise. Their numbers are 
 at full size (README); here a few epochs check the plumbing, never a timing."""
 
 import csv
+import os
 import pathlib
 import re
 import subprocess
@@ -14,9 +15,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
 
-def run(*args, timeout=600):
+def run(*args, timeout=600, env=None):
     proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+                          timeout=timeout, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -93,12 +94,17 @@ def test_overfit_tiny(tmp_path):
 
 
 def test_hparam_sweep_quick(tmp_path):
-    run(BENCH / "hparam_sweep.py", "--quick", "--out", tmp_path)
-    with open(tmp_path / "hparam_sweep.csv") as f:
+    """Without --out, --quick writes into a new temporary folder (under tmp_path through
+    TMPDIR), never over the committed results in benchmarks/results/."""
+    committed = (BENCH / "results" / "hparam_sweep.csv").read_bytes()
+    run(BENCH / "hparam_sweep.py", "--quick", env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert (BENCH / "results" / "hparam_sweep.csv").read_bytes() == committed
+    (out,) = tmp_path.glob("hparam_sweep_*")
+    with open(out / "hparam_sweep.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 * 2  # 3 variants x 2 seeds
     assert {r["variant"] for r in rows} >= {"chosen", "constant lr (no decay)"}
     for r in rows:
         assert 0 <= float(r["val_acc"]) <= 100 and float(r["sigma_p50"]) > 0
-    md = (tmp_path / "hparam_sweep.md").read_text()
+    md = (out / "hparam_sweep.md").read_text()
     assert md.count("\n| ") == 3 + 1  # header + 3 variants

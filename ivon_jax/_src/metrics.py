@@ -132,6 +132,14 @@ def accuracy(probs: Any, labels: Any) -> jax.Array:
 
     Raises:
       ValueError: if the shapes or dtypes are wrong or the input is empty.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ivon_jax import metrics
+      >>> probs = jnp.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.3, 0.3, 0.4], [0.2, 0.5, 0.3]])
+      >>> labels = jnp.array([0, 1, 0, 2])
+      >>> print(f"{float(metrics.accuracy(probs, labels)):.4f}")
+      0.5000
     """
     return _accuracy(*_check_probs_labels(probs, labels))
 
@@ -163,6 +171,14 @@ def top_k_accuracy(probs: Any, labels: Any, k: int) -> jax.Array:
 
     Raises:
       ValueError: on bad shapes or dtypes, empty input, or ``k`` outside ``[1, C]``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ivon_jax import metrics
+      >>> probs = jnp.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.3, 0.3, 0.4], [0.2, 0.5, 0.3]])
+      >>> labels = jnp.array([0, 1, 0, 2])
+      >>> print(f"{float(metrics.top_k_accuracy(probs, labels, k=2)):.4f}")
+      1.0000
     """
     probs, labels = _check_probs_labels(probs, labels)
     c = probs.shape[1]
@@ -200,6 +216,14 @@ def nll(probs: Any, labels: Any) -> jax.Array:
 
     Raises:
       ValueError: if the shapes or dtypes are wrong or the input is empty.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ivon_jax import metrics
+      >>> probs = jnp.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.3, 0.3, 0.4], [0.2, 0.5, 0.3]])
+      >>> labels = jnp.array([0, 1, 0, 2])
+      >>> print(f"{float(metrics.nll(probs, labels)):.4f}")
+      0.8189
     """
     return _nll(*_check_probs_labels(probs, labels))
 
@@ -233,6 +257,17 @@ def calibration_bins(
 
     Raises:
       ValueError: on bad shapes or dtypes, empty input, or ``num_bins < 1``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ivon_jax import metrics
+      >>> probs = jnp.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.3, 0.3, 0.4], [0.2, 0.5, 0.3]])
+      >>> labels = jnp.array([0, 1, 0, 2])
+      >>> counts, acc, conf = metrics.calibration_bins(probs, labels, num_bins=5)
+      >>> counts
+      Array([0., 1., 2., 1., 0.], dtype=float32)
+      >>> acc.shape, conf.shape
+      ((5,), (5,))
     """
     counts, acc_sum, conf_sum, _ = _bin_sums(probs, labels, num_bins)
     safe = jnp.maximum(counts, 1.0)
@@ -289,6 +324,14 @@ def ece(probs: Any, labels: Any, num_bins: int = 15) -> jax.Array:
 
     Raises:
       ValueError: on bad shapes or dtypes, empty input, or ``num_bins < 1``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ivon_jax import metrics
+      >>> probs = jnp.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.3, 0.3, 0.4], [0.2, 0.5, 0.3]])
+      >>> labels = jnp.array([0, 1, 0, 2])
+      >>> print(f"{float(metrics.ece(probs, labels, num_bins=5)):.4f}")
+      0.2000
     """
     _, acc_sum, conf_sum, n = _bin_sums(probs, labels, num_bins)
     return jnp.sum(jnp.abs(acc_sum - conf_sum)) / float(n)
@@ -313,6 +356,14 @@ def brier(probs: Any, labels: Any) -> jax.Array:
 
     Raises:
       ValueError: if the shapes or dtypes are wrong or the input is empty.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ivon_jax import metrics
+      >>> probs = jnp.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.3, 0.3, 0.4], [0.2, 0.5, 0.3]])
+      >>> labels = jnp.array([0, 1, 0, 2])
+      >>> print(f"{float(metrics.brier(probs, labels)):.4f}")
+      0.4800
     """
     return _brier(*_check_probs_labels(probs, labels))
 
@@ -336,6 +387,14 @@ def entropy(probs: Any) -> jax.Array:
 
     Raises:
       ValueError: if ``probs`` is not a non-empty floating 2-D array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ivon_jax import metrics
+      >>> probs = jnp.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.3, 0.3, 0.4], [0.2, 0.5, 0.3]])
+      >>> labels = jnp.array([0, 1, 0, 2])
+      >>> print(f"{float(metrics.entropy(probs)[0]):.4f}")
+      0.8018
     """
     return _entropy(_check_probs(probs))
 
@@ -352,6 +411,14 @@ def max_prob(probs: Any) -> jax.Array:
 
     Raises:
       ValueError: if ``probs`` is not a non-empty floating 2-D array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ivon_jax import metrics
+      >>> probs = jnp.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.3, 0.3, 0.4], [0.2, 0.5, 0.3]])
+      >>> labels = jnp.array([0, 1, 0, 2])
+      >>> metrics.max_prob(probs)
+      Array([0.7, 0.6, 0.4, 0.5], dtype=float32)
     """
     probs = _check_probs(probs)
     return jnp.max(probs, axis=1)
@@ -382,6 +449,14 @@ def auroc(scores_in: Any, scores_out: Any) -> jax.Array:
 
     Raises:
       ValueError: if either input is not a non-empty 1-D real array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ivon_jax import metrics
+      >>> scores_in = jnp.array([0.9, 0.8, 0.7, 0.4])  # e.g. max_prob on test data
+      >>> scores_out = jnp.array([0.5, 0.3, 0.2])  # ... and on out-of-distribution data
+      >>> print(f"{float(metrics.auroc(scores_in, scores_out)):.4f}")
+      0.9167
     """
     return _auroc(*_check_scores(scores_in, scores_out))
 
@@ -418,6 +493,14 @@ def aupr_in(scores_in: Any, scores_out: Any) -> jax.Array:
 
     Raises:
       ValueError: if either input is not a non-empty 1-D real array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ivon_jax import metrics
+      >>> scores_in = jnp.array([0.9, 0.8, 0.7, 0.4])  # e.g. max_prob on test data
+      >>> scores_out = jnp.array([0.5, 0.3, 0.2])  # ... and on out-of-distribution data
+      >>> print(f"{float(metrics.aupr_in(scores_in, scores_out)):.4f}")
+      0.9500
     """
     return _aupr_in(*_check_scores(scores_in, scores_out))
 
@@ -449,6 +532,14 @@ def aupr_out(scores_in: Any, scores_out: Any) -> jax.Array:
 
     Raises:
       ValueError: if either input is not a non-empty 1-D real array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ivon_jax import metrics
+      >>> scores_in = jnp.array([0.9, 0.8, 0.7, 0.4])  # e.g. max_prob on test data
+      >>> scores_out = jnp.array([0.5, 0.3, 0.2])  # ... and on out-of-distribution data
+      >>> print(f"{float(metrics.aupr_out(scores_in, scores_out)):.4f}")
+      0.9167
     """
     return _aupr_out(*_check_scores(scores_in, scores_out))
 
@@ -489,6 +580,14 @@ def fpr_at_tpr(scores_in: Any, scores_out: Any, tpr: float = 0.95) -> jax.Array:
 
     Raises:
       ValueError: on bad inputs, or ``tpr`` outside ``(0, 1]``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ivon_jax import metrics
+      >>> scores_in = jnp.array([0.9, 0.8, 0.7, 0.4])  # e.g. max_prob on test data
+      >>> scores_out = jnp.array([0.5, 0.3, 0.2])  # ... and on out-of-distribution data
+      >>> print(f"{float(metrics.fpr_at_tpr(scores_in, scores_out, tpr=0.75)):.4f}")
+      0.0000
     """
     s_in, s_out = _check_scores(scores_in, scores_out)
     number = (int, float, np.integer, np.floating)
@@ -521,6 +620,14 @@ def fpr_at_95_tpr(scores_in: Any, scores_out: Any) -> jax.Array:
 
     Raises:
       ValueError: if either input is not a non-empty 1-D real array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ivon_jax import metrics
+      >>> scores_in = jnp.array([0.9, 0.8, 0.7, 0.4])  # e.g. max_prob on test data
+      >>> scores_out = jnp.array([0.5, 0.3, 0.2])  # ... and on out-of-distribution data
+      >>> print(f"{float(metrics.fpr_at_95_tpr(scores_in, scores_out)):.4f}")
+      0.3333
     """
     return fpr_at_tpr(scores_in, scores_out, 0.95)
 
@@ -543,6 +650,14 @@ def detection_error(scores_in: Any, scores_out: Any) -> jax.Array:
 
     Raises:
       ValueError: if either input is not a non-empty 1-D real array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ivon_jax import metrics
+      >>> scores_in = jnp.array([0.9, 0.8, 0.7, 0.4])  # e.g. max_prob on test data
+      >>> scores_out = jnp.array([0.5, 0.3, 0.2])  # ... and on out-of-distribution data
+      >>> print(f"{float(metrics.detection_error(scores_in, scores_out)):.4f}")
+      0.1250
     """
     return _detection_error(*_check_scores(scores_in, scores_out))
 

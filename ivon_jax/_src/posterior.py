@@ -39,6 +39,13 @@ def find_ivon_states(opt_state: optax.OptState) -> list[IVONState]:
 
     Raises:
       ValueError: if there is none.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, ivon_jax
+      >>> opt = optax.chain(optax.clip_by_global_norm(1.0), ivon_jax.ivon(0.1, ess=100.0))
+      >>> (state,) = ivon_jax.find_ivon_states(opt.init({"w": jnp.zeros(3)}))
+      >>> type(state).__name__, int(state.count)
+      ('IVONState', 0)
     """
     found = [
         x for x in jax.tree.leaves(opt_state, is_leaf=_is_ivon_state) if _is_ivon_state(x)

@@ -252,6 +252,16 @@ def mean_and_variance(
 
     Raises:
       ValueError: if ``num_samples < 1`` or ``chunk_size < 1``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, ivon_jax
+      >>> from ivon_jax import predictive
+      >>> params = {"w": jnp.ones(3)}
+      >>> opt_state = ivon_jax.ivon(0.1, ess=100.0).init(params)
+      >>> mean, var = predictive.mean_and_variance(jax.random.key(0), lambda p: p["w"] * 2.0,
+      ...                                          params, opt_state, num_samples=16)
+      >>> mean.shape, bool(jnp.all(var > 0))
+      ((3,), True)
     """
     mean, m2 = _sample_moments(key, fn, params, opt_state, num_samples, chunk_size, True)
     var = jax.tree.map(lambda s: s / jnp.asarray(num_samples, s.dtype), m2)
@@ -288,7 +298,7 @@ def predict_proba(
         \qquad \theta_s \sim q = N(m, \sigma^2),
 
     with the softmax over the last axis of ``apply_fn``'s logits. The paper uses S = 64 at
-    test time; more samples help NLL most. (The prediction at the mean, "IVON@mean", is
+    test time; more samples help NLL most. (The prediction at the mean, ``IVON@mean``, is
     ``softmax(apply_fn(params, *inputs))``.)
 
     Args:
@@ -425,7 +435,14 @@ def over_members(
 
 
 def mixture_of_probs(probs: Sequence[jax.Array]) -> jax.Array:
-    r"""The uniform mixture of K predictive distributions: :math:`\frac1K \sum_k p_k`."""
+    r"""The uniform mixture of K predictive distributions: :math:`\frac1K \sum_k p_k`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, ivon_jax
+      >>> from ivon_jax import predictive
+      >>> predictive.mixture_of_probs([jnp.array([[0.9, 0.1]]), jnp.array([[0.5, 0.5]])])
+      Array([[0.7, 0.3]], dtype=float32)
+    """
     return _average(probs)
 
 
@@ -444,6 +461,14 @@ def mixture_of_moments(
     .. math::
         \bar\mu = \frac1K \sum_k \bar\mu_k, \qquad
         v = \frac1K \sum_k v_k + \frac1K \sum_k (\bar\mu_k - \bar\mu)^2
+
+    Example:
+      >>> import jax, jax.numpy as jnp, ivon_jax
+      >>> from ivon_jax import predictive
+      >>> mean, var = predictive.mixture_of_moments([(jnp.array([0.0]), jnp.array([1.0])),
+      ...                                            (jnp.array([2.0]), jnp.array([1.0]))])
+      >>> mean, var
+      (Array([1.], dtype=float32), Array([2.], dtype=float32))
     """
     if not moments:
         raise ValueError("ivon_jax: a mixture needs at least one member (K >= 1).")
@@ -539,6 +564,16 @@ def mixture_predict_regression(
 
     Raises:
       ValueError: if ``members`` is empty or malformed, or on bad arguments.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, ivon_jax
+      >>> from ivon_jax import predictive
+      >>> opt = ivon_jax.ivon(0.1, ess=100.0)
+      >>> members = [(p, opt.init(p)) for p in ({"w": jnp.zeros(3)}, {"w": jnp.ones(3)})]
+      >>> mean, var = predictive.mixture_predict_regression(
+      ...     jax.random.key(0), lambda p, x: x @ p["w"], members, jnp.ones((5, 3)), num_samples=8)
+      >>> mean.shape, var.shape
+      ((5,), (5,))
     """
     moments = over_members(
         key, members, num_samples,

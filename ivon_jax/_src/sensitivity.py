@@ -47,6 +47,21 @@ class Sensitivity(NamedTuple):
     """Per-example sensitivities and the leave-one-out estimate (see :func:`sensitivity`).
 
     ``C`` is the number of outputs per example (classes; 1 for scalar regression).
+
+    Attributes:
+      loo: shape (): the leave-one-out estimate (1/N) Σ ℓ(y_i, f_i + V_i e_i).
+      loss: shape (): the training loss at the mean, (1/N) Σ ℓ(y_i, f_i).
+      scores: shape (N,): each example's sensitivity score ‖V_i e_i‖₂.
+      shifts: shape (N, C): V_i e_i, the predicted change of f_i when example i is removed.
+      residuals: shape (N, C): e_i = ∂ℓ/∂f at f_i.
+      outputs: shape (N, C): the outputs f_i at the mean.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ivon_jax.sensitivity import Sensitivity
+      >>> s = Sensitivity(*(jnp.zeros(()),) * 2, jnp.zeros(4), *(jnp.zeros((4, 1)),) * 3)
+      >>> s.scores.shape, s.shifts.shape
+      ((4,), (4, 1))
     """
 
     loo: jax.Array  # shape=(): LOO estimate (1/N) Σ ℓ(y_i, f_i + V_i e_i)

@@ -19,6 +19,20 @@ class IVONState(NamedTuple):
 
     Its structure and dtypes never change between steps, so it can be carried through
     ``lax.scan``/``lax.cond`` and checkpointed. It holds no noise and no copy of the parameters.
+
+    Attributes:
+      count: shape (), int32: the number of updates applied (the t in the debiasing 1 - b1^t).
+      momentum: the gradient momentum g, a pytree like the parameters, in float32 or wider.
+      hess: IVON's Hessian estimate h, like the parameters, in float32 or wider; the posterior's
+        standard deviation is σ = 1 / √(λ (h + δ)).
+      ess: shape (): the effective sample size λ used for σ.
+      weight_decay: shape (): the weight decay δ used for σ (the prior precision per unit of λ).
+
+    Example:
+      >>> import jax.numpy as jnp, ivon_jax
+      >>> state = ivon_jax.scale_by_ivon(ess=100.0, hess_init=0.5).init({"w": jnp.zeros(3)})
+      >>> state.hess["w"], state.count
+      (Array([0.5, 0.5, 0.5], dtype=float32), Array(0, dtype=int32))
     """
 
     count: jax.Array  # shape=(), int32: number of updates applied (the t in 1 - b1^t)

@@ -14,7 +14,20 @@ from ivon_jax._src.state import IVONState
 
 
 class SkipNonFiniteState(NamedTuple):
-    """State of :func:`skip_nonfinite`."""
+    """State of :func:`skip_nonfinite`.
+
+    Attributes:
+      inner_state: the wrapped transform's state, left untouched on a skipped step.
+      skipped: shape (), int32: the number of steps skipped so far.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, ivon_jax
+      >>> opt = ivon_jax.skip_nonfinite(optax.sgd(0.1))
+      >>> state = opt.init({"w": jnp.zeros(2)})
+      >>> _, state = opt.update({"w": jnp.array([jnp.nan, 1.0])}, state)
+      >>> int(state.skipped)
+      1
+    """
 
     inner_state: optax.OptState  # the wrapped transform's state, untouched on a skipped step
     skipped: jax.Array  # shape=(), int32: number of steps skipped so far

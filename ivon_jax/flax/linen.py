@@ -409,6 +409,18 @@ def predict_regression(
 
     Raises:
       ValueError: as :func:`predict_proba`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, ivon_jax
+      >>> from ivon_jax.flax import linen as ivon_linen
+      >>> model = nn.Dense(1)
+      >>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
+      >>> opt_state = ivon_jax.ivon(0.1, ess=100.0).init(variables["params"])
+      >>> mean, var = ivon_linen.predict_regression(jax.random.key(1), model.apply, variables,
+      ...                                           opt_state, jnp.ones((5, 3)), num_samples=16,
+      ...                                           noise_var=0.01)
+      >>> mean.shape, var.shape
+      ((5, 1), (5, 1))
     """
     _check_variables(variables)
     return predictive.predict_regression(
@@ -454,6 +466,17 @@ def mixture_predict_proba(
 
     Raises:
       ValueError: if ``members`` is empty (K = 0) or not a list of pairs.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, ivon_jax
+      >>> from ivon_jax.flax import linen as ivon_linen
+      >>> model, opt = nn.Dense(4), ivon_jax.ivon(0.1, ess=100.0)
+      >>> variables = [model.init(jax.random.key(seed), jnp.ones((1, 3))) for seed in (0, 1)]
+      >>> members = [(v, opt.init(v["params"])) for v in variables]
+      >>> probs = ivon_linen.mixture_predict_proba(jax.random.key(2), model.apply, members,
+      ...                                          jnp.ones((2, 3)), num_samples=8)
+      >>> probs.shape
+      (2, 4)
     """
     return predictive.mixture_of_probs(predictive.over_members(
         key, members, num_samples,
@@ -493,6 +516,17 @@ def mixture_predict_regression(
 
     Raises:
       ValueError: if ``members`` is empty (K = 0) or not a list of pairs.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, ivon_jax
+      >>> from ivon_jax.flax import linen as ivon_linen
+      >>> model, opt = nn.Dense(1), ivon_jax.ivon(0.1, ess=100.0)
+      >>> variables = [model.init(jax.random.key(seed), jnp.ones((1, 3))) for seed in (0, 1)]
+      >>> members = [(v, opt.init(v["params"])) for v in variables]
+      >>> mean, var = ivon_linen.mixture_predict_regression(jax.random.key(2), model.apply, members,
+      ...                                                   jnp.ones((5, 3)), num_samples=8)
+      >>> mean.shape, var.shape
+      ((5, 1), (5, 1))
     """
     return predictive.mixture_of_moments(predictive.over_members(
         key, members, num_samples,

@@ -407,6 +407,17 @@ def predict_regression(
 
     Raises:
       ValueError: as :func:`predict_proba`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, ivon_jax
+      >>> from flax import nnx
+      >>> from ivon_jax.flax import nnx as ivon_nnx
+      >>> model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+      >>> optimizer = nnx.Optimizer(model, ivon_jax.ivon(0.1, ess=100.0), wrt=nnx.Param)
+      >>> mean, var = ivon_nnx.predict_regression(jax.random.key(0), model, optimizer,
+      ...                                         jnp.ones((5, 3)), num_samples=16, noise_var=0.01)
+      >>> mean.shape, var.shape
+      ((5, 1), (5, 1))
     """
     opt_state, filt = _state_and_filter(optimizer, wrt)
     apply_fn, params = _functional(model, filt, _call_module)
@@ -453,6 +464,18 @@ def mixture_predict_proba(
 
     Raises:
       ValueError: if ``members`` is empty (K = 0) or not a list of pairs.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, ivon_jax
+      >>> from flax import nnx
+      >>> from ivon_jax.flax import nnx as ivon_nnx
+      >>> models = [nnx.Linear(3, 4, rngs=nnx.Rngs(seed)) for seed in (0, 1)]
+      >>> opt = ivon_jax.ivon(0.1, ess=100.0)
+      >>> members = [(m, nnx.Optimizer(m, opt, wrt=nnx.Param)) for m in models]
+      >>> probs = ivon_nnx.mixture_predict_proba(jax.random.key(0), members, jnp.ones((2, 3)),
+      ...                                        num_samples=8)
+      >>> probs.shape
+      (2, 4)
     """
     return predictive.mixture_of_probs(predictive.over_members(
         key, members, num_samples,
@@ -495,6 +518,18 @@ def mixture_predict_regression(
 
     Raises:
       ValueError: if ``members`` is empty (K = 0) or not a list of pairs.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, ivon_jax
+      >>> from flax import nnx
+      >>> from ivon_jax.flax import nnx as ivon_nnx
+      >>> models = [nnx.Linear(3, 1, rngs=nnx.Rngs(seed)) for seed in (0, 1)]
+      >>> opt = ivon_jax.ivon(0.1, ess=100.0)
+      >>> members = [(m, nnx.Optimizer(m, opt, wrt=nnx.Param)) for m in models]
+      >>> mean, var = ivon_nnx.mixture_predict_regression(jax.random.key(0), members,
+      ...                                                 jnp.ones((5, 3)), num_samples=8)
+      >>> mean.shape, var.shape
+      ((5, 1), (5, 1))
     """
     return predictive.mixture_of_moments(predictive.over_members(
         key, members, num_samples,
