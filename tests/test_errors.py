@@ -278,18 +278,49 @@ def test_integer_leaf_at_init_is_type_error(dtype):
         ivon_jax.ivon(0.1, ess=10.0).init(params)
 
 
-def test_masked_without_compatible_extra_args():
+def test_masked_hess_of_other_parameters_names_leaf():
+    # Under a mask IVON masks a full-structure `hess` itself; a `hess` of other parameters
+    # (here one leaf too many) is still an error that names the leaf.
     params = {"w": jnp.ones(3), "frozen": jnp.ones(2)}
     tx = optax.masked(ivon_jax.ivon(0.1, ess=10.0), {"w": True, "frozen": False})
     state = tx.init(params)
     grads = jax.tree.map(jnp.ones_like, params)
-    with pytest.raises(ValueError, match=r"mask_compatible_extra_args=True"):
-        tx.update(grads, state, params, hess=jax.tree.map(jnp.ones_like, params))
-    # With the flag the same call works.
-    tx_ok = optax.masked(
-        ivon_jax.ivon(0.1, ess=10.0), {"w": True, "frozen": False}, mask_compatible_extra_args=True
+    hess = {**jax.tree.map(jnp.ones_like, params), "extra": jnp.ones(2)}
+    with pytest.raises(ValueError, match=r"hess has leaves that params lacks: \['extra'\]"):
+        tx.update(grads, state, params, hess=hess)
+
+
+def test_missing_hess_message_names_every_framework():
+    opt, state, params, grads, _ = _setup()
+    with pytest.raises(ValueError) as info:
+        opt.update(grads, state, params)
+    msg = str(info.value)
+    assert "tx.update(grads, state, params, hess=hess)" in msg
+    assert "ivon_jax.flax.nnx.value_and_grad" in msg
+    assert "optimizer.update(model, grads, hess=hess)" in msg
+    assert "ivon_jax.flax.linen.TrainState" in msg
+    assert "flax.training.train_state.TrainState" in msg  # the one that drops `hess`
+    assert "ivon_jax.equinox.value_and_grad" in msg
+    assert "eqx.filter(model, eqx.is_inexact_array)" in msg
+
+
+def test_flax_train_state_reaches_the_missing_hess_message():
+    # Flax's own TrainState calls tx.update(grads, opt_state, params): the message says which
+    # TrainState to use instead.
+    from flax.training import train_state
+
+    params = _params()
+    state = train_state.TrainState.create(
+        apply_fn=None, params=params, tx=ivon_jax.ivon(0.1, ess=10.0)
     )
-    tx_ok.update(grads, tx_ok.init(params), params, hess=jax.tree.map(jnp.ones_like, params))
+    with pytest.raises(ValueError, match=r"ivon_jax\.flax\.linen\.TrainState"):
+        state.apply_gradients(grads=jax.tree.map(jnp.ones_like, params))
+
+
+def test_non_array_leaf_at_init_names_leaf_and_type():
+    params = {"w": jnp.ones(3), "act": jax.nn.relu}
+    with pytest.raises(TypeError, match=r"must be arrays.*`params\['act'\]` is a custom_jvp"):
+        ivon_jax.ivon(0.1, ess=10.0).init(params)
 
 
 # ------------------------------------------------------------- tracers are not validated
@@ -335,3 +366,52 @@ def test_jit_of_sample_and_update_with_traced_ess():
         return opt.update(jax.tree.map(jnp.ones_like, params), state, params, hess=hess)
 
     f(jnp.asarray(10.0))
+
+
+# ----------------------------------------------------------------------- Flax NNX keys
+
+
+def _nnx_setup():
+    from flax import nnx
+
+    from ivon_jax.flax import nnx as ivon_nnx
+
+    model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, ivon_jax.ivon(0.1, ess=100.0), wrt=nnx.Param)
+    vg = ivon_nnx.value_and_grad(lambda m, x: jnp.mean(m(x) ** 2))
+    return nnx, model, optimizer, vg, jnp.ones((4, 3))
+
+
+@pytest.mark.parametrize("call", ["model_batch", "model_optimizer_batch", "batch_as_model"])
+def test_nnx_value_and_grad_without_key_shows_the_call(call):
+    nnx, model, optimizer, vg, x = _nnx_setup()
+    args = {
+        "model_batch": (model, x),
+        "model_optimizer_batch": (model, optimizer, x),
+        "batch_as_model": (jax.random.key(0), x, optimizer),
+    }[call]
+    got = "a ArrayImpl as the model" if call == "batch_as_model" else "a Linear as the key"
+    with pytest.raises(
+        TypeError,
+        match=r"is called as `loss, grads, hess = vg\(key, model, optimizer, \*args\)`.*" + got,
+    ):
+        vg(*args)
+
+
+def test_nnx_value_and_grad_takes_rngs_and_streams_as_the_key():
+    nnx, model, optimizer, vg, x = _nnx_setup()
+    want = vg(nnx.Rngs(5)(), model, optimizer, x)  # the key an nnx.Rngs(5) draws first
+    for key in (nnx.Rngs(5), nnx.Rngs(default=5), nnx.Rngs(noise=5).noise):
+        got = vg(key, model, optimizer, x)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert jnp.array_equal(a, b)
+    # The Rngs advances as NNX layers advance it: two calls draw two different keys.
+    rngs = nnx.Rngs(5)
+    first, second = vg(rngs, model, optimizer, x), vg(rngs, model, optimizer, x)
+    assert not jnp.array_equal(first[1]["kernel"][...], second[1]["kernel"][...])
+
+
+def test_nnx_rngs_without_default_stream():
+    nnx, model, optimizer, vg, x = _nnx_setup()
+    with pytest.raises(TypeError, match=r"has no `default` stream.*vg\(key, model, optimizer"):
+        vg(nnx.Rngs(dropout=1), model, optimizer, x)

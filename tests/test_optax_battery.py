@@ -454,3 +454,63 @@ def test_state_size_is_adams_plus_scalars():
     _, x, y = _problem()
     _, state, _ = _make_step(opt)(params, opt.init(params), jax.random.key(0), x, y)
     assert size(state) == ivon_size
+
+
+def _masked_wrappers(inner, frozen):
+    """optax's ways of keeping IVON off some parameters; none is told to mask `hess`."""
+    train = jax.tree.map(lambda f: not f, frozen)
+    labels = jax.tree.map(lambda f: "freeze" if f else "train", frozen)
+    return {
+        "masked": optax.masked(inner, train),
+        "selective_transform": optax.transforms.selective_transform(inner, freeze_mask=frozen),
+        "partition": optax.partition(
+            {"train": inner, "freeze": optax.set_to_zero()}, labels
+        ),
+    }
+
+
+@pytest.mark.parametrize("wrapper", ["masked", "selective_transform", "partition"])
+def test_masks_around_ivon_mask_hess_too(wrapper):
+    # grads and hess over all parameters, as value_and_grad returns them; the wrapper masks
+    # grads and params, IVON masks hess the same way. Truth: IVON on the trained leaves alone.
+    params, x, y = _problem()
+    frozen = {"w": True, "v": False, "c": False}
+    inner = ivon_jax.ivon(0.05, ess=100.0, hess_init=0.5, b2=0.999)
+    tx = _masked_wrappers(inner, frozen)[wrapper]
+    state = tx.init(params)
+    sub = {k: params[k] for k in ("v", "c")}
+    sub_state = inner.init(sub)
+    vg = ivon_jax.value_and_grad(_loss)
+    for step in range(3):
+        key = jax.random.key(step)
+        _, grads, hess = vg(key, params, state, x, y)
+        assert jax.tree.structure(hess) == jax.tree.structure(params)
+        updates, state = tx.update(grads, state, params, hess=hess)
+        sub_updates, sub_state = inner.update(
+            {k: grads[k] for k in sub}, sub_state, sub, hess={k: hess[k] for k in sub}
+        )
+        _allclose_trees({k: updates[k] for k in sub}, sub_updates, rtol=0.0)
+        # Frozen leaves: masked passes the raw gradient on, the others give zero.
+        want_w = grads["w"] if wrapper == "masked" else jnp.zeros_like(grads["w"])
+        np.testing.assert_array_equal(np.asarray(updates["w"]), np.asarray(want_w))
+        if wrapper != "masked":
+            params = optax.apply_updates(params, updates)
+            sub = optax.apply_updates(sub, sub_updates)
+    if wrapper != "masked":
+        np.testing.assert_array_equal(np.asarray(params["w"]), np.asarray(_problem()[0]["w"]))
+    # σ of a frozen leaf is zero: it is never sampled.
+    sigma = ivon_jax.posterior_std(state, params)
+    assert float(jnp.max(sigma["w"])) == 0.0 and float(jnp.min(sigma["v"])) > 0.0
+
+
+def test_freeze_in_a_chain_does_not_stop_ivon():
+    # optax.transforms.freeze zeroes the gradients, but IVON still manages the leaf: its
+    # weight decay moves it and it is sampled. (The guide says to use selective_transform.)
+    params, x, y = _problem()
+    frozen = {"w": True, "v": False, "c": False}
+    tx = optax.chain(optax.transforms.freeze(frozen), ivon_jax.ivon(0.05, ess=100.0))
+    state = tx.init(params)
+    _, grads, hess = ivon_jax.value_and_grad(_loss)(jax.random.key(0), params, state, x, y)
+    updates, state = tx.update(grads, state, params, hess=hess)
+    assert float(jnp.max(jnp.abs(updates["w"]))) > 0.0
+    assert float(jnp.min(ivon_jax.posterior_std(state, params)["w"])) > 0.0

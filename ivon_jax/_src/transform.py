@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from numpy import integer as np_integer
 import optax
 from optax._src import numerics
@@ -61,15 +63,86 @@ def b2_for(total_steps: int | None) -> float:
 STEP_OK = "_ivon_jax_gradients_finite"
 
 
+def _equinox_hint(tree: Any) -> str:
+    """The Equinox spelling of the fix, when the tree is (or holds) an ``eqx.Module`` or
+    Equinox has been imported; equinox itself is never imported here."""
+    eqx = sys.modules.get("equinox")
+    if eqx is None:
+        return ""
+    module = any(
+        isinstance(x, eqx.Module)
+        for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, eqx.Module))
+    )
+    where = "an Equinox model" if module else "Equinox code"
+    return (
+        f" For {where}, initialise with `opt.init(eqx.filter(model, eqx.is_inexact_array))` "
+        "(ivon_jax.equinox.value_and_grad returns grads and hess filtered the same way)."
+    )
+
+
+def _is_array_like(x: Any) -> bool:
+    # Arrays, tracers, NumPy scalars and Python numbers; not functions or other objects.
+    if isinstance(x, (bool, int, float, complex, np.generic)):
+        return True
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
 def _check_float_leaves(params: Any) -> None:
     for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not _is_array_like(p):
+            raise TypeError(
+                f"ivon_jax: IVON's parameters must be arrays, but `params{checks.path_str(path)}` "
+                f"is a {type(p).__name__} ({p!r:.80}). Pass only the trainable arrays to "
+                "`opt.init` (a model's functions and other non-array fields must stay out of "
+                "the parameter tree)." + _equinox_hint(params)
+            )
         if not jnp.issubdtype(jnp.result_type(p), jnp.floating):
             raise TypeError(
                 f"ivon_jax: IVON manages floating-point parameters only, but "
                 f"`params{checks.path_str(path)}` has dtype {jnp.result_type(p)}. Exclude "
                 "such leaves with `optax.masked`/`optax.multi_transform`, or keep them out of "
-                "the parameter tree."
+                "the parameter tree." + _equinox_hint(params)
             )
+
+
+MISSING_HESS = (
+    "ivon_jax: IVON's update needs the Hessian estimate: call "
+    "`tx.update(grads, state, params, hess=hess)` with `hess` from "
+    "`ivon_jax.estimate_hessian` or `ivon_jax.value_and_grad`. "
+    "Flax NNX: `loss, grads, hess = ivon_jax.flax.nnx.value_and_grad(loss_fn)(key, model, "
+    "optimizer, ...)`, then `optimizer.update(model, grads, hess=hess)`. "
+    "Flax Linen: `state.apply_gradients(grads=grads, hess=hess)` on an "
+    "`ivon_jax.flax.linen.TrainState` (Flax's own `flax.training.train_state.TrainState` "
+    "does not pass `hess` to the optimizer). "
+    "Equinox: `loss, grads, hess = ivon_jax.equinox.value_and_grad(loss_fn)(key, model, "
+    "opt_state, ...)`, then `opt.update(grads, opt_state, eqx.filter(model, "
+    "eqx.is_inexact_array), hess=hess)`."
+)
+
+
+def _is_masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def _mask_like(hess: Any, params: Any) -> Any:
+    """``hess`` with ``optax.MaskedNode`` wherever ``params`` has one.
+
+    A mask above IVON (``optax.masked`` without ``mask_compatible_extra_args``,
+    ``optax.transforms.selective_transform``, ``optax.partition``) hands IVON masked
+    ``grads`` and ``params`` but the full ``hess``; masking it the same way is what
+    ``mask_compatible_extra_args=True`` would do. Any other mismatch is left to the checks.
+    """
+    if jax.tree.structure(hess) == jax.tree.structure(params):
+        return hess
+    if not any(_is_masked(x) for x in jax.tree.leaves(params, is_leaf=_is_masked)):
+        return hess
+    try:
+        return jax.tree.map(
+            lambda p, h: optax.MaskedNode() if _is_masked(p) else h,
+            params, hess, is_leaf=_is_masked,
+        )
+    except (ValueError, TypeError):  # not a tree with params' structure; the checks name the difference
+        return hess
 
 
 def _check_common(ess: Any, hess_init: Any, b1: Any, b2: Any, weight_decay: Any) -> None:
@@ -193,17 +266,15 @@ def scale_by_ivon(
                 "weight-decay term): call `tx.update(grads, state, params, hess=hess)`."
             )
         if hess is None:
-            raise ValueError(
-                "ivon_jax: IVON's update needs the Hessian estimate: call "
-                "`tx.update(grads, state, params, hess=hess)` with `hess` from "
-                "`ivon_jax.estimate_hessian` or `ivon_jax.value_and_grad`."
-            )
-        masked_hint = (
-            "Inside `optax.masked`, pass `mask_compatible_extra_args=True` so that `hess` is "
-            "masked like the gradients."
-        )
+            raise ValueError(MISSING_HESS)
+        hess = _mask_like(hess, params)
         checks.check_same_tree("grads", updates, "params", params)
-        checks.check_same_tree("hess", hess, "params", params, hint=masked_hint)
+        checks.check_same_tree(
+            "hess", hess, "params", params,
+            hint="`hess` must be estimated for the same parameters as `grads` "
+            "(`ivon_jax.estimate_hessian(grads, noise, opt_state)` or the third output of "
+            "`ivon_jax.value_and_grad`).",
+        )
         checks.check_same_tree(
             "opt_state.hess", state.hess, "params", params,
             hint="Was the optimizer initialised with these parameters?",

@@ -63,6 +63,7 @@ from typing import Any
 from typing import Literal
 
 import jax
+import numpy as np
 import optax
 from flax import nnx
 
@@ -173,6 +174,33 @@ def _stateful_functional(
     return fun, params, (keys, rest)
 
 
+_CALL = (
+    "`vg = ivon_jax.flax.nnx.value_and_grad(loss_fn)` is called as "
+    "`loss, grads, hess = vg(key, model, optimizer, *args)`: the first argument is the key of "
+    "the weight noise (a `jax.random.key`, an `nnx.Rngs` or one of its streams), then the "
+    "model, then the `nnx.Optimizer` (or its `opt_state`)"
+)
+
+
+def _as_key(key: Any) -> jax.Array:
+    """The weight-noise key: a JAX key as it is, or the next key of an ``nnx.Rngs`` (its
+    default stream) or of an ``nnx.RngStream``, drawn as NNX layers draw theirs."""
+    if isinstance(key, nnx.Rngs):
+        try:
+            return key()
+        except AttributeError:
+            raise TypeError(
+                "ivon_jax: the `nnx.Rngs` passed as the key has no `default` stream to draw "
+                "from; pass one of its streams (e.g. `rngs.noise`) or an `nnx.Rngs(seed)`. "
+                + _CALL + "."
+            ) from None
+    if isinstance(key, nnx.RngStream):
+        return key()
+    if isinstance(key, (jax.Array, np.ndarray)):
+        return key
+    raise TypeError(f"ivon_jax: {_CALL}; got a {type(key).__name__} as the key.")
+
+
 def value_and_grad(
     loss_fn: Callable[..., Any],
     num_samples: int = 1,
@@ -187,7 +215,8 @@ def value_and_grad(
     r""":func:`ivon_jax.value_and_grad` for a loss of an NNX model, in training mode too.
 
     Returns a function ``(key, model, optimizer, *args, **kwargs) -> (value, grads, hess)``
-    that evaluates ``loss_fn(model_s, *args, **kwargs)`` at S copies of the model whose
+    (``key``: a JAX key, or an ``nnx.Rngs``/``nnx.RngStream`` from which the next key is
+    drawn) that evaluates ``loss_fn(model_s, *args, **kwargs)`` at S copies of the model whose
     trained variables are :math:`\theta_s = m + \sigma\odot\epsilon_s` (sample s with key
     ``jax.random.split(key, S)[s]``) and averages the value, the gradients and the Hessian
     estimate over them. ``grads`` and ``hess`` are ``nnx.State`` s like
@@ -267,8 +296,17 @@ def value_and_grad(
     core(loss_fn)  # validates the arguments now, not at the first call
 
     def wrapped(
-        key: jax.Array, model: nnx.Module, optimizer: OptimizerLike, *args: Any, **kwargs: Any
+        key: jax.Array | nnx.Rngs | nnx.RngStream,
+        model: nnx.Module | None = None,
+        optimizer: OptimizerLike | None = None,
+        /,
+        *args: Any,
+        **kwargs: Any,
     ) -> tuple[Any, nnx.State, nnx.State]:
+        key = _as_key(key)
+        if not isinstance(model, nnx.Module) or optimizer is None:
+            got = "nothing" if model is None else f"a {type(model).__name__}"
+            raise TypeError(f"ivon_jax: {_CALL}; got {got} as the model.")
         opt_state, filt = _state_and_filter(optimizer, wrt)
         fun, params, (keys, rest) = _stateful_functional(
             model, filt, loss_fn, num_samples, axis_name
