@@ -121,8 +121,7 @@ def state_summary(
     else:
         managed = []
         for st in states:
-            ess, wd = posterior._scalar(st.ess), posterior._scalar(st.weight_decay)
-            managed += [posterior.Managed(h, ess, wd) for h in jax.tree.leaves(st.hess)]
+            managed += [m for _, m in posterior.state_managed(st)]
     n = sum(m.hess.size for m in managed)
     if n == 0:
         raise ValueError(
