@@ -16,6 +16,10 @@ from ivon_jax._src.grad import value_and_grad
 from ivon_jax._src.posterior import find_ivon_states
 from ivon_jax._src.posterior import posterior_std
 from ivon_jax._src.posterior import sample_params
+from ivon_jax._src.prior import posterior_as_prior
+from ivon_jax._src.prior import set_prior
+from ivon_jax._src.pruning import prune_by_magnitude
+from ivon_jax._src.pruning import prune_by_snr
 from ivon_jax._src.state import IVONState
 from ivon_jax._src.state import ScaleByIVONState
 from ivon_jax._src.transform import ivon
@@ -35,12 +39,16 @@ __all__ = [
     "ivon",
     "merging",
     "metrics",
+    "posterior_as_prior",
     "posterior_health",
     "posterior_std",
     "predictive",
+    "prune_by_magnitude",
+    "prune_by_snr",
     "sample_params",
     "scale_by_ivon",
     "sensitivity",
+    "set_prior",
     "skip_nonfinite",
     "state_summary",
     "value_and_grad",

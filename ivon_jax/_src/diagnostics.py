@@ -12,6 +12,7 @@ import optax
 
 from ivon_jax._src import posterior
 from ivon_jax._src.state import hess_lower_bound
+from ivon_jax._src.state import prior_precision_leaves
 from ivon_jax._src.wrappers import SkipNonFiniteState
 
 # The quantile levels reported for h and σ, with the suffix of their keys.
@@ -131,8 +132,7 @@ def state_summary(
     else:
         managed = []
         for st in states:
-            ess, wd = posterior._scalar(st.ess), posterior._scalar(st.weight_decay)
-            managed += [posterior.Managed(h, ess, wd) for h in jax.tree.leaves(st.hess)]
+            managed += [m for _, m in posterior.state_managed(st)]
     n = sum(m.hess.size for m in managed)
     if n == 0:
         raise ValueError(
@@ -193,9 +193,10 @@ def _learning(states: list, dt: Any, stride: int, n: int) -> dict[str, jax.Array
             continue
         t = posterior._scalar(st.count).astype(dt)
         b2 = posterior._scalar(st.b2).astype(dt)
-        wd = posterior._scalar(st.weight_decay).astype(dt)
-        for h, h0 in zip(jax.tree.leaves(st.hess), jax.tree.leaves(st.hess_init), strict=True):
-            h = h.astype(dt)
+        deltas = prior_precision_leaves(st)
+        for h, h0, wd in zip(jax.tree.leaves(st.hess), jax.tree.leaves(st.hess_init), deltas,
+                             strict=True):
+            h, wd = h.astype(dt), wd.astype(dt)
             decayed = posterior._scalar(h0).astype(dt) * b2**t
             tiny = jnp.finfo(dt).tiny
             share = jnp.clip(decayed / jnp.maximum(h, tiny), 0, 1)

@@ -315,8 +315,8 @@ def hessian_from_state(
             "to get one tree of Hessians for all parameters."
         )
     (st,) = states
-    (ess,), (wd,) = jax.tree.leaves(st.ess), jax.tree.leaves(st.weight_decay)
-    return jax.tree.map(lambda h: convert(posterior.Managed(h, ess, wd)), st.hess)
+    out = [convert(m) for _, m in posterior.state_managed(st)]
+    return jax.tree.unflatten(jax.tree.structure(st.hess), out)
 
 
 def squared_gradient_hessian(

@@ -12,6 +12,7 @@ import optax
 from ivon_jax._src import checks
 from ivon_jax._src import noise
 from ivon_jax._src.state import IVONState
+from ivon_jax._src.state import prior_precision_leaves
 
 
 class Managed(NamedTuple):
@@ -19,7 +20,7 @@ class Managed(NamedTuple):
 
     hess: jax.Array  # h for this leaf
     ess: jax.Array  # shape=(): λ of the transform that manages it
-    weight_decay: jax.Array  # shape=(): δ of that transform
+    weight_decay: jax.Array  # δ of that transform: shape=(), or h's shape (per-element prior)
 
     def precision(self) -> jax.Array:
         """λ (h + δ) = 1 / σ², in h's dtype."""
@@ -72,6 +73,18 @@ def _scalar(x: Any) -> jax.Array:
     return leaf
 
 
+def state_managed(st: IVONState) -> list[tuple[tuple[Any, ...], Managed]]:
+    """(path, :class:`Managed`) for each leaf of one IVON state's ``hess``, δ per element
+    where the state holds a per-element prior precision."""
+    ess = _scalar(st.ess)
+    flat = jax.tree_util.tree_flatten_with_path(st.hess)[0]
+    deltas = prior_precision_leaves(st)
+    return [
+        (checks.normalized_path(path), Managed(h, ess, d))
+        for (path, h), d in zip(flat, deltas, strict=True)
+    ]
+
+
 def managed_leaves(
     tree: Any, opt_state: optax.OptState, tree_name: str = "params"
 ) -> tuple[list[jax.Array], list[Managed | None], Any]:
@@ -84,15 +97,13 @@ def managed_leaves(
     """
     table: dict[tuple[Any, ...], Managed] = {}
     for st in find_ivon_states(opt_state):
-        ess, wd = _scalar(st.ess), _scalar(st.weight_decay)
-        for path, h in jax.tree_util.tree_flatten_with_path(st.hess)[0]:
-            key = checks.normalized_path(path)
+        for key, entry in state_managed(st):
             if key in table:
                 raise ValueError(
                     f"ivon_jax: parameter {checks.path_str(key)} is managed by more than one "
                     "IVON transform; give each parameter to one of them."
                 )
-            table[key] = Managed(h, ess, wd)
+            table[key] = entry
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     leaves, managed, seen = [], [], 0
     for path, x in flat:
@@ -152,8 +163,8 @@ def posterior_std(opt_state: optax.OptState, params: optax.Params | None = None)
             "one tree of σ for all parameters."
         )
     (st,) = states
-    ess, wd = _scalar(st.ess), _scalar(st.weight_decay)
-    return jax.tree.map(lambda h: jax.lax.rsqrt(Managed(h, ess, wd).precision()), st.hess)
+    sigmas = [jax.lax.rsqrt(m.precision()) for _, m in state_managed(st)]
+    return jax.tree.unflatten(jax.tree.structure(st.hess), sigmas)
 
 
 def sample_params(

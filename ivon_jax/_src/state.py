@@ -15,10 +15,16 @@ import optax
 
 
 class IVONState(NamedTuple):
-    """State of :func:`scale_by_ivon`: everything that defines the posterior's σ.
+    r"""State of :func:`scale_by_ivon`: everything that defines the posterior's σ.
 
     Its structure and dtypes never change between steps, so it can be carried through
-    ``lax.scan``/``lax.cond`` and checkpointed. It holds no noise and no copy of the parameters.
+    ``lax.scan``/``lax.cond`` and checkpointed. It holds no noise and, unless the prior is
+    centred away from zero, no copy of the parameters.
+
+    The prior is :math:`N(m_0, 1/(\lambda \delta))` elementwise. By default :math:`m_0 = 0`
+    and δ is the transform's ``weight_decay`` (``prior_mean`` and ``prior_precision`` are ``None``:
+    nothing is stored). ``scale_by_ivon(..., prior_mean="init")`` keeps the initial parameters as
+    :math:`m_0`; :func:`ivon_jax.set_prior` sets either field.
 
     Attributes:
       count: shape (), int32: the number of updates applied (the t in the debiasing 1 - b1^t).
@@ -26,7 +32,14 @@ class IVONState(NamedTuple):
       hess: IVON's Hessian estimate h, like the parameters, in float32 or wider; the posterior's
         standard deviation is σ = 1 / √(λ (h + δ)).
       ess: shape (): the effective sample size λ used for σ.
-      weight_decay: shape (): the weight decay δ used for σ (the prior precision per unit of λ).
+      weight_decay: shape (): the weight decay δ used for σ (the prior precision per unit of λ)
+        unless ``prior_precision`` is set.
+      prior_mean: the prior's centre m₀ (like the parameters), or ``None`` for zero.
+      prior_precision: a δ per leaf (each h's shape or a scalar) overriding ``weight_decay``,
+        or ``None``.
+      hess_init: h₀ of each leaf (shape-() arrays): the constant ``hess_init``, or with
+        ``hess_init="auto"`` the value calibrated from the first steps' ĥ.
+      b2: shape (): β₂; h₀β₂ᵗ is the part of h that is still h₀'s decay.
 
     Example:
       >>> import jax.numpy as jnp, ivon_jax
@@ -39,13 +52,32 @@ class IVONState(NamedTuple):
     momentum: optax.Updates  # g: like params, dtype promote(param, float32)
     hess: optax.Updates  # h: like params, dtype promote(param, float32)
     ess: jax.Array  # shape=(), canonical float: λ used for σ = 1 / sqrt(λ (h + δ))
-    weight_decay: jax.Array  # shape=(), canonical float: δ used for σ
+    weight_decay: jax.Array  # shape=(), canonical float: δ used for σ (unless prior_precision)
+    prior_mean: optax.Params | None = None  # m₀: like params, in their dtypes; None = zero
+    # δ overriding weight_decay: like hess, each leaf h's shape or shape=(), h's dtype
+    prior_precision: optax.Updates | None = None
     # h₀ of each leaf (a tree like params of shape-() arrays in h's dtype): the constant
     # `hess_init`, or with `hess_init="auto"` the value calibrated from the first steps' ĥ
     # (until then, the running average of the leaf means of ĥ). Read by `state_summary` to tell
     # the data's curvature from h₀'s decay, and by the "auto" rescaling of the step.
     hess_init: optax.Updates = None
     b2: jax.Array | None = None  # shape=(), canonical float: β₂ (h₀β₂ᵗ is h₀'s share of h)
+
+
+def prior_precision_leaves(state: IVONState) -> list[jax.Array]:
+    """δ for each leaf of ``state.hess``, in h's dtype: an array like h, or a scalar."""
+    hs = jax.tree.leaves(state.hess)
+    if state.prior_precision is None:
+        wd = _single(state.weight_decay)
+        return [wd.astype(h.dtype) for h in hs]
+    deltas = jax.tree.leaves(state.prior_precision)
+    return [d.astype(h.dtype) for d, h in zip(deltas, hs, strict=True)]
+
+
+def _single(x: Any) -> jax.Array:
+    # An NNX optimizer state wraps each array in a Variable; its single leaf is the array.
+    (leaf,) = jax.tree.leaves(x)
+    return leaf
 
 
 ScaleByIVONState = IVONState
@@ -71,7 +103,7 @@ def hess_lower_bound(weight_decay: jax.Array, dtype: Any) -> jax.Array:
     rounding of ``floor - δ``). :func:`ivon_jax.state_summary` counts the elements held here.
 
     Args:
-      weight_decay: δ, a scalar in ``dtype``.
+      weight_decay: δ in ``dtype``, a scalar or an array like h (a per-element prior).
       dtype: the statistics' dtype (h's dtype).
     """
     floor = jnp.maximum(jnp.finfo(dtype).tiny, 4 * jnp.finfo(dtype).eps * weight_decay)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import sys
 from typing import Any
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +86,17 @@ def _is_array_like(x: Any) -> bool:
     if isinstance(x, (bool, int, float, complex, np.generic)):
         return True
     return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+PriorMean = Literal["zero", "init"]
+
+
+def _check_prior_mean(prior_mean: Any) -> None:
+    if not isinstance(prior_mean, str) or prior_mean not in ("zero", "init"):
+        raise ValueError(
+            f"ivon_jax: `prior_mean` must be 'zero' or 'init', got {prior_mean!r}. For any "
+            "other centre, call `ivon_jax.set_prior(opt_state, mean=tree)` after `init`."
+        )
 
 
 def _check_float_leaves(params: Any) -> None:
@@ -178,6 +190,7 @@ def scale_by_ivon(
     debias: bool = True,
     *,
     rescale_auto: bool = False,
+    prior_mean: PriorMean = "zero",
 ) -> optax.GradientTransformationExtraArgs:
     r"""IVON's preconditioning: momentum, the Hessian update and the natural-gradient step.
 
@@ -189,7 +202,7 @@ def scale_by_ivon(
         g &\leftarrow \beta_1 g + (1-\beta_1)\hat g \\
         h &\leftarrow \beta_2 h + (1-\beta_2)\hat h
               + \tfrac12 (1-\beta_2)^2 (h-\hat h)^2 / (h+\delta) \\
-        u &= (g / (1-\beta_1^t) + \delta m) / (h + \delta)
+        u &= (g / (1-\beta_1^t) + \delta \odot (m - m_0)) / (h + \delta)
 
     and ``u`` is returned (no learning rate, no sign flip: chain it with
     ``optax.scale_by_learning_rate``, as :func:`ivon` does). The third term of the h-update
@@ -207,6 +220,11 @@ def scale_by_ivon(
       rescale_auto: with ``hess_init="auto"``, multiply each leaf's step by h₀ + δ with that
         leaf's h₀ (the per-leaf form of :func:`ivon`'s ``rescale_lr``, which ``ivon`` turns
         on here). Ignored for a numeric ``hess_init``.
+      prior_mean: the prior's centre m₀: ``"zero"`` (the paper's prior, nothing stored) or
+        ``"init"``, the parameters given to ``init`` (kept in the state, one more buffer like
+        the parameters, sharded like them): the step then pulls towards the initial weights
+        (e.g. pretrained ones) instead of zero. :func:`set_prior` sets m₀ and a per-element
+        δ on any state.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state, params,
@@ -223,6 +241,7 @@ def scale_by_ivon(
     _check_common(ess, hess_init, b1, b2, weight_decay)
     auto = isinstance(hess_init, str)
     h_start = AUTO_PLACEHOLDER if auto else hess_init
+    _check_prior_mean(prior_mean)
 
     def init_fn(params: optax.Params) -> IVONState:
         _check_float_leaves(params)
@@ -245,6 +264,8 @@ def scale_by_ivon(
             hess=jax.tree.map(full, params),
             ess=jnp.asarray(ess, sd),
             weight_decay=jnp.asarray(weight_decay, sd),
+            # A copy, not the caller's buffers: donating params and state together must work.
+            prior_mean=jax.tree.map(jnp.copy, params) if prior_mean == "init" else None,
             hess_init=jax.tree.map(h0, params),
             b2=jnp.asarray(b2, sd),
         )
@@ -280,6 +301,19 @@ def scale_by_ivon(
             hint="Was the optimizer initialised with these parameters?",
         )
 
+        treedef = jax.tree.structure(params)
+        # The prior N(m₀, 1/(λδ)): None for m₀ = 0 and δ = weight_decay (then the arithmetic
+        # is exactly the paper's); else one entry per parameter leaf.
+        n_leaves = treedef.num_leaves
+        means = (
+            [None] * n_leaves if state.prior_mean is None
+            else treedef.flatten_up_to(state.prior_mean)
+        )
+        deltas = (
+            [None] * n_leaves if state.prior_precision is None
+            else treedef.flatten_up_to(state.prior_precision)
+        )
+
         count = numerics.safe_increment(state.count)
         if ok is not None:
             count = jnp.where(ok, count, state.count)
@@ -307,10 +341,13 @@ def scale_by_ivon(
 
         def leaf_update(
             g_hat: jax.Array, h_hat: jax.Array, p: jax.Array, g: jax.Array, h: jax.Array,
-            h0: jax.Array,
+            h0: jax.Array, m0: jax.Array | None, delta: jax.Array | None,
         ) -> tuple[jax.Array, jax.Array, jax.Array]:
             b1_, one_b1, b2_, one_b2, half_sq, wd, h_min, correction = constants(h.dtype)
             dt = h.dtype
+            if delta is not None:
+                wd = jnp.asarray(delta).astype(dt)  # a per-element (or per-leaf) δ
+                h_min = hess_lower_bound(wd, dt)
             p = jnp.asarray(p)
             g_hat, h_hat, m = g_hat.astype(dt), h_hat.astype(dt), p.astype(dt)
             g_new = b1_ * g + one_b1 * g_hat
@@ -337,7 +374,8 @@ def scale_by_ivon(
             # on CPU, copies h and the parameters each step).
             h_new = fusion.materialize(h_new)
             g_bar = g_new / correction if debias else g_new
-            u = (g_bar + wd * m) / (h_new + wd)
+            pull = m if m0 is None else m - jnp.asarray(m0).astype(dt)
+            u = (g_bar + wd * pull) / (h_new + wd)
             if auto and rescale_auto:
                 scale = jnp.where(calibrating, jnp.asarray(AUTO_PLACEHOLDER, dt), h0) + wd
                 u = u * scale
@@ -345,12 +383,11 @@ def scale_by_ivon(
                 u = jnp.where(ok, u, jnp.zeros((), dt))
             return u.astype(p.dtype), g_new, h_new
 
-        out = jax.tree.map(
-            leaf_update, updates, hess, params, state.momentum, state.hess, h0_tree
-        )
-        # `out` holds a triple where params has a leaf; split it into three trees.
-        treedef = jax.tree.structure(params)
-        triples = treedef.flatten_up_to(out)
+        columns = [
+            treedef.flatten_up_to(t)
+            for t in (updates, hess, params, state.momentum, state.hess, h0_tree)
+        ]
+        triples = [leaf_update(*row) for row in zip(*columns, means, deltas, strict=True)]
         u, g_new, h_new = (treedef.unflatten([t[i] for t in triples]) for i in range(3))
         sd = scalar_dtype()
         return u, IVONState(
@@ -359,6 +396,8 @@ def scale_by_ivon(
             hess=h_new,
             ess=jnp.asarray(ess, sd),
             weight_decay=jnp.asarray(weight_decay, sd),
+            prior_mean=state.prior_mean,
+            prior_precision=state.prior_precision,
             hess_init=h0_tree,
             b2=jnp.asarray(b2, sd),
         )
@@ -423,6 +462,7 @@ def ivon(
     *,
     total_steps: int | None = None,
     skip_nonfinite: bool = True,
+    prior_mean: PriorMean = "zero",
 ) -> optax.GradientTransformationExtraArgs:
     r"""The IVON optimizer (Improved Variational Online Newton) as an optax transform.
 
@@ -476,6 +516,12 @@ def ivon(
         removes it (and ``skipped`` from the state). For a whole-step skip on *any*
         non-finite value, wrap a chain in
         :func:`skip_nonfinite`.
+      prior_mean: the centre m₀ of the prior N(m₀, 1/(λδ)): ``"zero"`` (default) or
+        ``"init"``, the parameters passed to ``init`` (for fine-tuning: the pretrained
+        weights; one more parameter-sized buffer in the state). The step becomes
+        (ḡ + δ ⊙ (m − m₀)) / (h + δ). :func:`set_prior` sets m₀ and a per-element δ later,
+        e.g. the posterior of a finished task (:func:`posterior_as_prior`). ``rescale_lr``
+        always uses this constructor's h₀ + ``weight_decay``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params`` and ``hess``.
@@ -515,7 +561,8 @@ def ivon(
         else:
             lr = learning_rate * scale
     parts = [
-        scale_by_ivon(ess, hess_init, b1, b2, weight_decay, debias, rescale_auto=rescale_lr)
+        scale_by_ivon(ess, hess_init, b1, b2, weight_decay, debias, rescale_auto=rescale_lr,
+                      prior_mean=prior_mean)
     ]
     if clip_radius is not None:
         parts.append(optax.clip(clip_radius))
