@@ -234,3 +234,12 @@ def test_posterior_health_warns_when_sigma_is_the_priors():
     assert any("prior" in m for m in msgs), msgs
     summary = ivon_jax.state_summary(state)
     assert ivon_jax.posterior_health(summary, warn=False) == msgs
+
+
+def test_total_steps_path_weight_decay_default():
+    """δ defaults to 1e-3 with total_steps (the study's rule), 1e-4 without; explicit wins."""
+    params = {"w": jnp.zeros(2)}
+    get = lambda opt: float(ivon_jax.find_ivon_states(opt.init(params))[0].weight_decay)
+    assert get(ivon_jax.ivon(0.1, ess=10.0, total_steps=100)) == pytest.approx(1e-3)
+    assert get(ivon_jax.ivon(0.1, ess=10.0)) == pytest.approx(1e-4)
+    assert get(ivon_jax.ivon(0.1, ess=10.0, total_steps=100, weight_decay=0.0)) == 0.0

@@ -39,6 +39,9 @@ AUTO_SMALL = 1024
 # k = 1, 2, 3, 5, 10, k = 2 had the best validation NLL on 2 of 3 tasks).
 B2_HORIZONS = 2.0
 B2_LEGACY = 0.99999
+# δ's default: with total_steps (best with β₂ = 1 - 2/T on the study's tasks), and without.
+WD_WITH_STEPS = 1e-3
+WD_LEGACY = 1e-4
 
 
 def b2_for(total_steps: int | None) -> float:
@@ -455,7 +458,7 @@ def ivon(
     hess_init: float | jax.Array = 1.0,
     b1: float | jax.Array = 0.9,
     b2: float | jax.Array | None = None,
-    weight_decay: float | jax.Array = 1e-4,
+    weight_decay: float | jax.Array | None = None,
     clip_radius: float | jax.Array | None = None,
     rescale_lr: bool = True,
     debias: bool = True,
@@ -493,7 +496,8 @@ def ivon(
       b2: Hessian decay β₂ in [0, 1). ``None`` (the default): ``1 - 2 /
         total_steps`` when ``total_steps`` is given (see there), else 0.99999 (the paper's
         value, meant for runs of 10⁵ steps and more).
-      weight_decay: δ ≥ 0, the prior precision divided by λ.
+      weight_decay: δ ≥ 0, the prior precision divided by λ. ``None`` (the default): 1e-3
+        with ``total_steps`` (the study's rule, with β₂ = 1 - 2/T), else 1e-4 (the paper's).
       clip_radius: ξ > 0 for an element-wise clip of the preconditioned step (1e-3 for
         transformers), or ``None`` for no clipping.
       rescale_lr: scale the learning rate by h₀ + δ (as the reference implementation).
@@ -547,6 +551,8 @@ def ivon(
             "learning_rate", learning_rate, lambda x: 0 <= x < math.inf, ">= 0 and finite"
         )
     b2 = b2_for(total_steps) if b2 is None else b2
+    if weight_decay is None:
+        weight_decay = WD_WITH_STEPS if total_steps is not None else WD_LEGACY
     if clip_radius is not None:
         checks.check_hyperparam("clip_radius", clip_radius, lambda x: x > 0, "> 0 or None")
     _check_common(ess, hess_init, b1, b2, weight_decay)
