@@ -103,7 +103,9 @@ def _check_prior_mean(prior_mean: Any) -> None:
 
 
 def _check_float_leaves(params: Any) -> None:
-    for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    # Objects first (functions, strings): they say the tree is a whole model, not its arrays.
+    for path, p in sorted(flat, key=lambda leaf: _is_array_like(leaf[1])):
         if not _is_array_like(p):
             raise TypeError(
                 f"ivon_jax: IVON's parameters must be arrays, but `params{checks.path_str(path)}` "
