@@ -325,6 +325,18 @@ def predict_regression(
 
     Returns:
       ``(mean, variance)`` shaped like the model's output.
+
+    Example:
+      >>> import equinox as eqx, jax, jax.numpy as jnp, ivon_jax
+      >>> from ivon_jax import equinox as ivon_eqx
+      >>> model = eqx.nn.MLP(3, 1, 8, 1, key=jax.random.key(0))
+      >>> opt_state = ivon_jax.ivon(0.1, ess=100.0).init(
+      ...     eqx.filter(model, eqx.is_inexact_array))
+      >>> mean, var = ivon_eqx.predict_regression(
+      ...     jax.random.key(1), model, opt_state, jnp.ones((2, 3)), num_samples=4,
+      ...     noise_var=0.1)
+      >>> mean.shape, bool((var >= 0.1).all())
+      ((2, 1), True)
     """
     apply_fn, params = _functional(model, filter_spec, call)
     return predictive.predict_regression(

@@ -33,9 +33,11 @@ API_PAGES = {
     "ivon_jax.sensitivity": "sensitivity",
     "ivon_jax.flax.nnx": "flax_nnx",
     "ivon_jax.flax.linen": "flax_linen",
+    "ivon_jax.equinox": "equinox",
 }
 GUIDE_PAGES = [
     "training",
+    "equinox",
     "prediction",
     "scaling",
     "checkpointing",
@@ -62,8 +64,10 @@ def _public_names() -> list[tuple[str, str]]:
 
 
 def test_every_public_module_has_an_api_page():
-    """Every public module named in ``ivon_jax.__all__`` or ``ivon_jax.flax.__all__`` has a page."""
-    public_modules = {"ivon_jax"}
+    """Every public module named in ``ivon_jax.__all__`` or ``ivon_jax.flax.__all__`` has a page,
+    and so has the optional ``ivon_jax.equinox`` (not imported by ``ivon_jax``: it needs
+    equinox)."""
+    public_modules = {"ivon_jax", "ivon_jax.equinox"}
     for parent in (ivon_jax, importlib.import_module("ivon_jax.flax")):
         for name in parent.__all__:
             obj = getattr(parent, name)

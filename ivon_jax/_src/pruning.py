@@ -66,10 +66,10 @@ def prune_by_snr(
     *,
     per_leaf: bool = False,
 ) -> tuple[optax.Params, optax.Params]:
-    r"""Prunes the ``fraction`` of weights with the lowest signal-to-noise ratio |m|/σ.
+    r"""Prunes the ``fraction`` of weights with the lowest signal-to-noise ratio ``|m|/σ``.
 
     The score of an element is :math:`|m| / \sigma = |m| \sqrt{\lambda (h + \delta)}`: a
-    weight whose posterior puts much mass near zero goes first, even if |m| is not small
+    weight whose posterior puts much mass near zero goes first, even if ``|m|`` is not small
     (Graves 2011; Blundell et al. 2015). Pruned elements are set to 0.
 
     Args:
@@ -113,7 +113,7 @@ def prune_by_magnitude(
     *,
     per_leaf: bool = False,
 ) -> tuple[optax.Params, optax.Params]:
-    """Prunes the ``fraction`` of floating-point weights with the lowest magnitude |m|.
+    """Prunes the ``fraction`` of floating-point weights with the lowest magnitude ``|m|``.
 
     The baseline for :func:`prune_by_snr`, and the way to prune weights trained with any
     optimizer (AdamW, SGD). Same rules: ``round(fraction * n)`` elements set to 0, ties
