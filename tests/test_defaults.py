@@ -243,3 +243,26 @@ def test_total_steps_path_weight_decay_default():
     assert get(ivon_jax.ivon(0.1, ess=10.0, total_steps=100)) == pytest.approx(1e-3)
     assert get(ivon_jax.ivon(0.1, ess=10.0)) == pytest.approx(1e-4)
     assert get(ivon_jax.ivon(0.1, ess=10.0, total_steps=100, weight_decay=0.0)) == 0.0
+
+
+def test_defaults_study_quick_runs_into_out(tmp_path):
+    """``benchmarks/defaults_study.py --quick --out DIR`` writes its CSV and table there (and
+    refuses a quick run without --out, so committed results are never overwritten)."""
+    import csv
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "defaults_study.py"
+    run = lambda *a: subprocess.run([sys.executable, str(script), *a], capture_output=True,
+                                    text=True, timeout=600, check=False)
+    assert run("--quick").returncode != 0
+    proc = run("--quick", "--tasks", "digits-mlp", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(tmp_path / "defaults_study.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * 2  # 3 settings x 2 learning rates x 1 seed
+    assert {r["h0"] for r in rows} == {"1.0", "0.2", "auto"}
+    for r in rows:
+        assert np.isfinite(float(r["frac_learned"])) and 0 <= float(r["frac_learned"]) <= 1
+    assert "| digits-mlp |" in (tmp_path / "defaults_study.md").read_text()
