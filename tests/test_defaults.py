@@ -201,6 +201,7 @@ def test_summary_sees_h_that_only_decays_and_h_that_learned():
     assert float(decayed["h_p50"]) == pytest.approx(0.99**150, rel=0.02)
     assert float(decayed["frac_h_learned"]) == 0.0
     assert float(decayed["h_decay_share"]) > 0.98
+    assert float(decayed["h0_weight"]) == pytest.approx(0.99**150, rel=1e-5)
     # ĥ = 1000 h₀: h is the data's, h₀'s share is tiny.
     learned = ivon_jax.state_summary(_feed(opt, params, 1000.0, 150))
     assert float(learned["frac_h_learned"]) == 1.0
@@ -223,6 +224,23 @@ def test_posterior_health_warns_when_h_only_decays(caplog):
     assert ivon_jax.posterior_health(_feed(opt, params, 50.0, 150), warn=False) == []
     # Too early to tell: no warning at step 20 even though h only decayed.
     assert ivon_jax.posterior_health(_feed(opt, params, 0.0, 20), warn=False) == []
+
+
+def test_posterior_health_is_quiet_on_the_total_steps_path_where_h_has_decayed():
+    """At the end of a total_steps run h₀'s weight is exp(-2): h that is still h₀'s decay
+    (ĥ below it) is the path's normal state, not a warning; the same h with β₂ = 0.99999
+    (h₀'s weight 0.99) is."""
+    params = {"w": jnp.zeros((10, 10))}
+    opt = ivon_jax.ivon(0.1, ess=100.0, total_steps=300)
+    state = _feed(opt, params, 0.0, 300)
+    summary = ivon_jax.state_summary(state)
+    assert float(summary["h0_weight"]) == pytest.approx(np.exp(-2.0), rel=0.01)
+    assert float(summary["h_decay_share"]) > 0.9
+    assert ivon_jax.posterior_health(state, warn=False) == []
+    stuck = _feed(ivon_jax.ivon(0.1, ess=100.0, b2=0.99999, weight_decay=1e-4), params, 0.0,
+                  300)
+    msgs = ivon_jax.posterior_health(stuck, warn=False)
+    assert len(msgs) == 1 and "β₂ᵗ = 0.997" in msgs[0], msgs
 
 
 def test_posterior_health_warns_when_sigma_is_the_priors():

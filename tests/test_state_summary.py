@@ -22,6 +22,7 @@ KEYS = {
     "frac_h_nonfinite",
     "frac_h_learned",
     "h_decay_share",
+    "h0_weight",
     "sigma_prior_ratio_p50",
     *(f"{n}_{s}" for n in ("h", "sigma") for s in (*SUFFIXES, "mean")),
 }
