@@ -56,3 +56,26 @@ def test_bad_fraction_raises(fraction):
     params, state = _setup()
     with pytest.raises(ValueError, match="fraction"):
         ivon_jax.prune_by_snr(params, state, fraction)
+
+
+def test_mask_restricts_the_candidates_and_the_count():
+    """A mask (as optax.masked takes it) keeps the masked-out leaves whole and prunes the
+    fraction of the candidates' elements only, lowest |m|/σ first."""
+    params, state = _setup()
+    sigma = ivon_jax.posterior_std(state)
+    for mask_arg in ({"a": False, "b": True}, lambda p: {"a": False, "b": True}):
+        pruned, mask = ivon_jax.prune_by_snr(params, state, 3 / 7, mask=mask_arg)
+        assert np.asarray(mask["a"]).all()
+        np.testing.assert_array_equal(np.asarray(pruned["a"]), np.asarray(params["a"]))
+        score = np.abs(np.asarray(params["b"])) / np.asarray(sigma["b"])
+        keep = np.ones(7, bool)
+        keep[np.argsort(score, kind="stable")[:3]] = False
+        np.testing.assert_array_equal(np.asarray(mask["b"]), keep)
+    # A prefix: one bool for a whole subtree.
+    nested = {"head": params["a"], "adapters": {"b": params["b"]}}
+    _, mask = ivon_jax.prune_by_magnitude(nested, 0.5, mask={"head": False, "adapters": True})
+    assert np.asarray(mask["head"]).all() and (~np.asarray(mask["adapters"]["b"])).sum() == 4
+    with pytest.raises(ValueError, match="mask"):
+        ivon_jax.prune_by_magnitude(nested, 0.5, mask={"head": False})
+    with pytest.raises(ValueError, match="mask"):
+        ivon_jax.prune_by_magnitude(nested, 0.5, mask={"head": 1, "adapters": True})

@@ -21,6 +21,30 @@ def _check_fraction(fraction: Any) -> float:
     return float(fraction)
 
 
+def _candidates(params: optax.Params, mask: Any) -> list[bool]:
+    """Per leaf of ``params``: may it be pruned? ``mask`` is None (every leaf), a tree or
+    tree prefix of Python bools like ``params``, or a callable ``params -> such a tree``."""
+    n = len(jax.tree.leaves(params))
+    if mask is None:
+        return [True] * n
+    if callable(mask):
+        mask = mask(params)
+    try:
+        full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), mask, params)
+    except ValueError as e:
+        raise ValueError(
+            "ivon_jax: `mask` must be a tree (or a prefix of the tree) of `params` with a "
+            f"Python bool per leaf or subtree, or a callable returning one; {e}"
+        ) from None
+    flat = jax.tree.leaves(full)
+    if len(flat) != n or not all(isinstance(m, bool | jnp.bool_) for m in flat):
+        raise ValueError(
+            "ivon_jax: `mask` must hold a Python bool per leaf (or subtree) of `params`, "
+            "True where elements may be pruned."
+        )
+    return [bool(m) for m in flat]
+
+
 def _prune(
     params: optax.Params,
     scores: list[jax.Array | None],
@@ -65,6 +89,7 @@ def prune_by_snr(
     fraction: float,
     *,
     per_leaf: bool = False,
+    mask: Any = None,
 ) -> tuple[optax.Params, optax.Params]:
     r"""Prunes the ``fraction`` of weights with the lowest signal-to-noise ratio ``|m|/σ``.
 
@@ -79,6 +104,10 @@ def prune_by_snr(
         n counting the elements IVON manages (all of them, or each leaf's with
         ``per_leaf``). Leaves no IVON transform manages are kept as they are.
       per_leaf: prune the fraction of every leaf separately instead of over the whole tree.
+      mask: which leaves may be pruned, as in ``optax.masked``: a tree (or tree prefix) of
+        ``params`` holding a Python bool per leaf or subtree, or a callable returning one;
+        None (the default): every leaf IVON manages. Leaves masked out are kept and not
+        counted in n (e.g. prune LoRA adapters but not the classifier head).
 
     Returns:
       ``(pruned_params, mask)``: ``mask`` is a tree like ``params`` of boolean arrays, True
@@ -87,7 +116,8 @@ def prune_by_snr(
       ``jax.jit`` with ``fraction`` and ``per_leaf`` static.
 
     Raises:
-      ValueError: if ``fraction`` is not a number in [0, 1].
+      ValueError: if ``fraction`` is not a number in [0, 1], or ``mask`` does not match
+        ``params``.
 
     Example:
       >>> import jax.numpy as jnp, ivon_jax
@@ -100,9 +130,9 @@ def prune_by_snr(
     fraction = _check_fraction(fraction)
     leaves, managed, _ = posterior.managed_leaves(params, opt_state)
     scores = [
-        None if m is None
+        None if m is None or not ok
         else jnp.abs(jnp.asarray(x).astype(m.hess.dtype)) * jnp.sqrt(m.precision())
-        for x, m in zip(leaves, managed, strict=True)
+        for x, m, ok in zip(leaves, managed, _candidates(params, mask), strict=True)
     ]
     return _prune(params, scores, fraction, per_leaf)
 
@@ -112,6 +142,7 @@ def prune_by_magnitude(
     fraction: float,
     *,
     per_leaf: bool = False,
+    mask: Any = None,
 ) -> tuple[optax.Params, optax.Params]:
     """Prunes the ``fraction`` of floating-point weights with the lowest magnitude ``|m|``.
 
@@ -123,12 +154,14 @@ def prune_by_magnitude(
       params: the weights.
       fraction: a Python number in [0, 1].
       per_leaf: prune the fraction of every leaf separately.
+      mask: which leaves may be pruned (see :func:`prune_by_snr`).
 
     Returns:
       ``(pruned_params, mask)``, ``mask`` True where kept.
 
     Raises:
-      ValueError: if ``fraction`` is not a number in [0, 1].
+      ValueError: if ``fraction`` is not a number in [0, 1], or ``mask`` does not match
+        ``params``.
 
     Example:
       >>> import jax.numpy as jnp, ivon_jax
@@ -139,7 +172,8 @@ def prune_by_magnitude(
     fraction = _check_fraction(fraction)
     leaves = jax.tree.leaves(params)
     scores = [
-        jnp.abs(jnp.asarray(x)) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else None
-        for x in leaves
+        jnp.abs(jnp.asarray(x))
+        if ok and jnp.issubdtype(jnp.result_type(x), jnp.floating) else None
+        for x, ok in zip(leaves, _candidates(params, mask), strict=True)
     ]
     return _prune(params, scores, fraction, per_leaf)
