@@ -80,29 +80,40 @@ TASKS = {
 }
 BLOCK = 1024  # bytes per split block
 
-# The same budget per method: three configurations each (lr, and for IVON its hess_init); the
-# ranges come from a short pilot on validation data, for both methods alike.
+# The same budget per method: six configurations each, chosen per task on validation NLL.
+# AdamW: learning rate x weight decay. IVON: two families.
+# * "default": the path a user porting from AdamW gets, ivon(lr, ess=N, total_steps=T) and
+#   nothing else (β₂ = 1 - 2/T, δ = 1e-3, h₀ = 1, rescaled learning rate).
+# * "recipe": the published IVON-LoRA regime (Cong et al. 2024, arXiv 2411.04421): ess far
+#   above the training-set size, a small h₀, no learning-rate rescaling, element-wise
+#   clipping of the preconditioned step at 1e-3, δ = 1e-4.
+# Full fine-tuning anchors IVON's prior at the pretrained weights (prior_mean="init"), as the
+# paper's guide advises for fine-tuning; the LoRA adapters keep the prior at zero (their
+# start).
+_RECIPE = {"family": "recipe", "hess_init": 1e-3, "wd": 1e-4, "clip": 1e-3}
 GRID = {
     "lora": {
-        "AdamW": [{"lr": 3e-3}, {"lr": 1e-2}, {"lr": 3e-2}],
+        "AdamW": [{"lr": lr, "wd": wd} for lr in (3e-3, 1e-2, 3e-2) for wd in (1e-2, 1e-1)],
         "IVON": [
-            {"lr": 0.3, "hess_init": 10.0},
-            {"lr": 1.0, "hess_init": 10.0},
-            {"lr": 0.3, "hess_init": 100.0},
+            {"family": "default", "lr": 0.3},
+            {"family": "default", "lr": 1.0},
+            *({**_RECIPE, "lr": lr, "ess_factor": f} for f in (1e2, 1e4) for lr in (0.03, 0.3)),
         ],
     },
     "full": {
-        "AdamW": [{"lr": 1e-4}, {"lr": 3e-4}, {"lr": 1e-3}],
+        "AdamW": [{"lr": lr, "wd": wd} for lr in (1e-4, 3e-4, 1e-3) for wd in (1e-2, 1e-1)],
         "IVON": [
-            {"lr": 3e-3, "hess_init": 100.0},
-            {"lr": 1e-2, "hess_init": 100.0},
-            {"lr": 3e-3, "hess_init": 300.0},
+            *({"family": "default", "lr": lr, "prior": "init"} for lr in (3e-3, 1e-2, 3e-2)),
+            *({**_RECIPE, "lr": lr, "ess_factor": f, "prior": "init"}
+              for f, lr in ((1e2, 0.03), (1e4, 0.03), (1e4, 0.3))),
         ],
     },
 }
-ADAMW_FIXED = {"b1": 0.9, "b2": 0.999, "weight_decay": 0.01}
-# Short runs: b2 0.99 lets h leave hess_init; the paper's transformer clip.
-IVON_FIXED = {"b1": 0.9, "b2": 0.99, "weight_decay": 1e-4, "clip_radius": 1e-3}
+# Settings that select code, not values: they are static arguments of the jitted run.
+STATIC_KEYS = ("family", "prior")
+ADAMW_FIXED = {"b1": 0.9, "b2": 0.999}
+SQ_GRAD_DELTA = 1e-4  # the prior precision of the squared-gradient merging baseline
+PRUNE_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.9)
 MERGE_SCALES = (1.0, 1.5, 2.0, 3.0)
 MODES = ("lora", "full")
 METHODS = ("AdamW", "IVON")
@@ -299,11 +310,27 @@ def pretrained_backbone(args) -> nnx.State:
 
 
 # ----------------------------------------------------------------------------- fine-tuning
-def make_optimizer(method: str, hp: dict, schedule, n_train: int):
+def make_optimizer(method: str, hp: dict, static: dict, schedule, n_train: int, steps: int):
     lr = lambda count: hp["lr"] * schedule(count)
     if method == "AdamW":
-        return optax.adamw(lr, **ADAMW_FIXED)
-    return ivon_jax.ivon(lr, ess=float(n_train), hess_init=hp["hess_init"], **IVON_FIXED)
+        return optax.adamw(lr, weight_decay=hp["wd"], **ADAMW_FIXED)
+    prior = static.get("prior", "zero")
+    if static["family"] == "default":
+        return ivon_jax.ivon(lr, ess=float(n_train), total_steps=steps, prior_mean=prior)
+    return ivon_jax.ivon(lr, ess=hp["ess_factor"] * n_train, total_steps=steps,
+                         hess_init=hp["hess_init"], weight_decay=hp["wd"],
+                         clip_radius=hp["clip"], rescale_lr=False, prior_mean=prior)
+
+
+def describe(hp: dict) -> str:
+    """A configuration in a few words (tables and logs)."""
+    if "family" not in hp:
+        return f"lr {hp['lr']:g}, wd {hp['wd']:g}"
+    anchor = ", prior at init" if hp.get("prior") == "init" else ""
+    if hp["family"] == "default":
+        return f"default path, lr {hp['lr']:g}{anchor}"
+    return (f"recipe: ess {hp['ess_factor']:g}·N, h₀ {hp['hess_init']:g}, lr {hp['lr']:g}, "
+            f"no rescale, clip {hp['clip']:g}{anchor}")
 
 
 def xent(logits, y):
@@ -321,8 +348,8 @@ class Runner:
         schedule = optax.warmup_cosine_decay_schedule(0.0, 1.0, max(1, steps // 10), steps)
         self.apply, self.loss_fn = apply, loss_fn
 
-        def run(trained, seed, hp, x, y):
-            opt = make_optimizer(method, hp, schedule, x.shape[0])
+        def run(trained, seed, hp, x, y, static=()):
+            opt = make_optimizer(method, hp, dict(static), schedule, x.shape[0], steps)
             step = T.train_step(opt, loss_fn, method == "IVON")
             k_data, k_noise = jax.random.split(jax.random.key(seed))
 
@@ -334,7 +361,7 @@ class Runner:
             (p, s), losses = jax.lax.scan(body, (trained, opt.init(trained)), jnp.arange(steps))
             return p, s, losses
 
-        self.run = jax.jit(run)
+        self.run = jax.jit(run, static_argnums=5)
         self.mean = jax.jit(lambda p, x: jax.nn.softmax(apply(p, x)))
         self.mc = jax.jit(
             lambda k, p, s, x: ivon_jax.predictive.predict_proba(
@@ -349,7 +376,7 @@ class Runner:
                 (x, y),
                 batch_size=64,
                 ess=float(x.shape[0]),
-                weight_decay=IVON_FIXED["weight_decay"],
+                weight_decay=SQ_GRAD_DELTA,
             )
         )
 
@@ -418,7 +445,9 @@ def main() -> None:
             args.seeds = [0, 1]
     start_all = time.perf_counter()
     check_unseen(args.corpus_mb)
-    grid = {m: {k: v[:2] for k, v in g.items()} if args.quick else g for m, g in GRID.items()}
+    # --quick: the first and the last configuration of each grid (IVON: both families).
+    grid = {m: {k: [v[0], v[-1]] for k, v in g.items()} if args.quick else g
+            for m, g in GRID.items()}
     cfg = {k: getattr(args, k) for k in ("layers", "width", "heads", "seq", "lora_rank")}
     backbone_state = pretrained_backbone(args)
     sizes = {"train": args.n_train, "val": args.n_val, "test": args.n_test}
@@ -459,8 +488,10 @@ def main() -> None:
                 ):
                     t0 = time.perf_counter()
                     trained = build(backbone_state, cfg, mode, seed)[1]
-                    hpa = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
-                    p, s, losses = runner.run(trained, seed, hpa, x, y)
+                    hpa = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()
+                           if k not in STATIC_KEYS}
+                    static = tuple(sorted((k, v) for k, v in hp.items() if k in STATIC_KEYS))
+                    p, s, losses = runner.run(trained, seed, hpa, x, y, static)
                     jax.block_until_ready(p)
                     sec = time.perf_counter() - t0
                     res = {}
@@ -479,8 +510,8 @@ def main() -> None:
                                     "predictor": predictor_name(method, kind, args.mc_samples),
                                     "task": task.name,
                                     "seed": seed,
+                                    "config": describe(hp),
                                     "lr": hp["lr"],
-                                    "hess_init": hp.get("hess_init", ""),
                                     "split": split,
                                     "acc": sc["acc"],
                                     "nll": sc["nll"],
@@ -498,12 +529,12 @@ def main() -> None:
                     tuned.append((res["val", pick]["nll"], hp, p, s))
                 best_nll, best, p0, _ = min(tuned, key=lambda r: r[0])
                 print(
-                    f"{mode:4s} {method:5s} {task.name:8s} best {best} (val NLL "
+                    f"{mode:4s} {method:5s} {task.name:8s} best {describe(best)} (val NLL "
                     f"{best_nll:.3f}; grid " + ", ".join(f"{r[0]:.3f}" for r in tuned) + ")"
                 )
                 for seed in args.seeds:
                     p, s, res = one(seed, best, "final", ("val", "test"))
-                    runs[mode, method, task.name, seed] = (p, s, runner)
+                    runs[mode, method, task.name, seed] = (p, s, runner, best)
                     if seed == args.seeds[0]:
                         # Deterministic: the final seed-0 run repeats the tuning run exactly.
                         assert all(
@@ -516,6 +547,31 @@ def main() -> None:
             for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(frozen_before), strict=True)
         )
     ft_seconds = time.perf_counter() - start_all
+
+    # ------------------------------------------------------------------- pruning
+    # LoRA adapters pruned after training (the head is kept whole): IVON's by |m|/σ
+    # (ivon_jax.prune_by_snr) and by |m|, AdamW's by magnitude; test accuracy and ECE of the
+    # pruned model at its weights (IVON: its mean), every task and seed.
+    prune_rows = []
+    adapters_only = (False, True)  # (head, adapters)
+    for task in tasks:
+        x_te = jnp.asarray(task.x["test"])
+        for seed in args.seeds:
+            for method in METHODS:
+                p, s, runner, _ = runs["lora", method, task.name, seed]
+                rules = (("SNR", "magnitude") if method == "IVON"
+                         else ("magnitude",))
+                for rule in rules:
+                    for frac in PRUNE_FRACTIONS:
+                        if rule.startswith("SNR"):
+                            pruned, _ = ivon_jax.prune_by_snr(p, s, frac, mask=adapters_only)
+                        else:
+                            pruned, _ = ivon_jax.prune_by_magnitude(p, frac, mask=adapters_only)
+                        sc = T.scores(runner.mean(pruned, x_te), task.y["test"],
+                                      "classification")
+                        prune_rows.append({"method": method, "rule": rule, "fraction": frac,
+                                           "task": task.name, "seed": seed, "acc": sc["acc"],
+                                           "ece": sc["ece"], "nll": sc["nll"]})
 
     # ------------------------------------------------------------------- merging
     merge_rows = []
@@ -612,12 +668,13 @@ def main() -> None:
     # ------------------------------------------------------------------- report
     write_csv(args.out / "finetune_merge.csv", ft_rows)
     write_csv(args.out / "finetune_merge.merging.csv", merge_rows)
-    md = report(ft_rows, merge_rows, tasks, args, wall, ft_seconds)
+    write_csv(args.out / "finetune_merge.pruning.csv", prune_rows)
+    md = report(ft_rows, merge_rows, tasks, args, wall, ft_seconds) + pruning_report(prune_rows)
     (args.out / "finetune_merge.md").write_text(md)
     print("\n" + md)
     print(
-        f"wrote {args.out / 'finetune_merge.csv'}, {args.out / 'finetune_merge.merging.csv'}"
-        f" and {args.out / 'finetune_merge.md'}"
+        f"wrote {args.out / 'finetune_merge.csv'}, {args.out / 'finetune_merge.merging.csv'},"
+        f" {args.out / 'finetune_merge.pruning.csv'} and {args.out / 'finetune_merge.md'}"
     )
 
 
@@ -654,9 +711,7 @@ def report(ft_rows, merge_rows, tasks, args, wall, ft_seconds) -> str:
     for r in final:
         groups.setdefault((r["mode"], r["predictor"], r["task"]), []).append(r)
     for (mode, pred, task), rs in groups.items():
-        hp = f"lr {rs[0]['lr']:g}" + (
-            f", h₀ {rs[0]['hess_init']:g}" if rs[0]["hess_init"] != "" else ""
-        )
+        hp = rs[0]["config"]
         out.append(
             f"| {mode} | {pred} | {task} | {hp} | "
             + " | ".join(
@@ -716,6 +771,37 @@ def report(ft_rows, merge_rows, tasks, args, wall, ft_seconds) -> str:
             + " | ".join(f"{r['acc_mean']:.1f}" for r in rs)
             + " |"
         )
+    return "\n".join(out) + "\n"
+
+
+def pruning_report(rows: list[dict]) -> str:
+    """The pruning table: test accuracy and ECE against the fraction of adapter weights
+    pruned, mean ± std over the seeds of the task-averaged values."""
+    out = [
+        "",
+        "## Pruning the LoRA adapters: test accuracy (%) and ECE against the fraction pruned",
+        "",
+        "SNR: the lowest m/σ in absolute value first (`ivon_jax.prune_by_snr`); magnitude: "
+        "the lowest absolute weight first (`ivon_jax.prune_by_magnitude`). The head is kept "
+        "whole; pruned weights are set to 0 and the model is evaluated at its weights (IVON: "
+        "its mean). Mean over the tasks, then mean ± std over the seeds.",
+        "",
+        "| fine-tuned with | pruned by | " + " | ".join(
+            f"{100 * f:.0f} %" for f in PRUNE_FRACTIONS) + " |",
+        "|---|---|" + "---:|" * len(PRUNE_FRACTIONS),
+    ]
+    combos = list(dict.fromkeys((r["method"], r["rule"]) for r in rows))
+    seeds = sorted({r["seed"] for r in rows})
+    for metric, digits in (("acc", 1), ("ece", 3)):
+        for method, rule in combos:
+            cells = []
+            for f in PRUNE_FRACTIONS:
+                per_seed = [np.mean([r[metric] for r in rows if r["method"] == method
+                                     and r["rule"] == rule and r["fraction"] == f
+                                     and r["seed"] == sd]) for sd in seeds]
+                cells.append(T.mean_std(per_seed, digits))
+            out.append(f"| {method} | {rule} ({'accuracy' if metric == 'acc' else 'ECE'}) | "
+                       + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 

@@ -207,13 +207,13 @@ def test_finetune_merge_quick_writes_every_run(quick):
                     if method == "AdamW"
                     else next(r["predictor"] for r in tune if r["predictor"].startswith("IVON ("))
                 )
-                nll = {
-                    (r["lr"], r["hess_init"]): float(r["nll"])
-                    for r in tune
-                    if r["predictor"] == pick
-                }
+                nll = {r["config"]: float(r["nll"]) for r in tune if r["predictor"] == pick}
+                assert len(nll) == 2  # two distinct configurations
+                if method == "IVON":  # --quick covers both families: the default path, the recipe
+                    assert {c.split(",")[0].split(":")[0] for c in nll} == {"default path",
+                                                                            "recipe"}
                 best = min(nll, key=nll.get)
-                assert {(r["lr"], r["hess_init"]) for r in final} == {best}
+                assert {r["config"] for r in final} == {best}
                 for r in final:
                     assert 0 <= float(r["acc"]) <= 100 and np.isfinite(float(r["nll"]))
                     assert 0 <= float(r["ece"]) <= 1
@@ -242,6 +242,22 @@ def test_finetune_merge_quick_writes_every_run(quick):
                     assert val[float(r["scale"])] == max(val.values())
     md = (out / "finetune_merge.md").read_text()
     assert "## Merging" in md and "IVON Hessians" in md
+    # The pruning table: every fraction for IVON (by SNR and by magnitude) and AdamW
+    # (magnitude), every task and seed; printed as well as written.
+    pruned = _rows(out / "finetune_merge.pruning.csv")
+    combos = {(r["method"], r["rule"]) for r in pruned}
+    assert combos == {("IVON", "SNR"), ("IVON", "magnitude"), ("AdamW", "magnitude")}
+    assert len(pruned) == 3 * 5 * 3 * 2  # combos x fractions x tasks x seeds
+    assert {float(r["fraction"]) for r in pruned} == {0.0, 0.25, 0.5, 0.75, 0.9}
+    # Nothing pruned: the model's own test accuracy (the fine-tuning table's, at its weights).
+    own = {(r["method"], r["task"], r["seed"]): float(r["acc"]) for r in rows
+           if r["phase"] == "final" and r["split"] == "test" and r["mode"] == "lora"
+           and r["predictor"] in ("AdamW", "IVON@mean")}
+    for r in pruned:
+        if float(r["fraction"]) == 0.0:
+            assert float(r["acc"]) == pytest.approx(own[r["method"], r["task"], r["seed"]],
+                                                    abs=1e-3)
+    assert "## Pruning the LoRA adapters" in md and "## Pruning the LoRA adapters" in stdout
     assert (out / "finetune_merge.base").is_dir()  # the Orbax checkpoint of the base
     assert "pretrained" in stdout and "saved to" in stdout
 
