@@ -6,14 +6,20 @@ enough that optimizers differ (an MLP reaches ~70-80 % test accuracy, not 99 %).
 (40-256-256-10, ReLU) is trained with
 
 * AdamW (``optax.adamw``), evaluated at its weights;
-* IVON (``ivon_jax.ivon``, ess = 3,200, one Monte-Carlo sample per step), evaluated at the
-  posterior mean ("IVON@mean") and with the Bayesian model average of ``--samples``
-  posterior samples ("IVON": p(y|x) ≈ (1/S) Σ_s softmax(f(x; θ_s))),
+* IVON as a user porting from AdamW writes it, ``ivon_jax.ivon(lr, ess=N, total_steps=T)``
+  with every other argument at its default (N = 3,200 training examples, T the run's number
+  of steps; one Monte-Carlo sample per step), evaluated at the posterior mean ("IVON@mean")
+  and with the Bayesian model average of ``--samples`` posterior samples ("IVON":
+  p(y|x) ≈ (1/S) Σ_s softmax(f(x; θ_s))),
 
 for ``--seeds`` seeds each (seed = initial weights, data order and IVON's noise), with the same
 epochs, batch size and schedule (linear warm-up over 5 % of the steps, cosine to zero). Each
 optimizer uses the configuration that ``benchmarks/paper_table.py`` chose for it on this task's
-validation split from a grid of six (see CONFIGS). It prints a Markdown table of test accuracy,
+validation split from a grid of six (see CONFIGS; IVON's grid has only learning rates). While
+training, the progress bar shows what IVON's state says of the posterior
+(``ivon_jax.state_summary``: median σ and h, h₀'s remaining weight β₂ᵗ, the share of h that is
+still h₀'s decay), and ``ivon_jax.posterior_health`` logs a warning at the end if h could not
+move or σ stayed at the prior's width. It prints a Markdown table of test accuracy,
 NLL, ECE (15 bins) and Brier score (``ivon_jax.metrics``) as mean ± std over the seeds, and
 the ratio of IVON's to AdamW's train-step time measured in the same run (jitted single steps,
 compilation excluded, median of interleaved repetitions). About a minute on two CPU cores.
@@ -39,14 +45,18 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import tasks as T
 
 import ivon_jax
+from ivon_jax._src.transform import WD_WITH_STEPS  # the δ that ivon(..., total_steps=T) uses
 
-# (peak learning rate, weight decay) chosen by paper_table.py on each task's validation NLL
-# (results/paper_table.md); IVON: ess = N, h₀ = 0.2, β₂ = 0.999, weight_decay = prior δ.
+IVON_LR_MNIST1D, IVON_LR_DIGITS = 2.0, 1.0  # paper_table.py's choices (6 learning rates)
+
+# Chosen by paper_table.py on each task's validation NLL (results/paper_table.md). AdamW:
+# (peak lr, weight decay); IVON: (peak lr, δ), δ being what ivon(..., total_steps=T) defaults to.
 CONFIGS = {
-    "mnist1d": {"AdamW": (1e-2, 3e-1), "IVON": (0.5, 1e-4), "epochs": 60, "batch": 100},
-    "digits": {"AdamW": (1e-2, 3e-1), "IVON": (0.5, 1e-4), "epochs": 60, "batch": 32},
+    "mnist1d": {"AdamW": (1e-2, 3e-1), "IVON": (IVON_LR_MNIST1D, WD_WITH_STEPS), "epochs": 60,
+                "batch": 100},
+    "digits": {"AdamW": (1e-2, 3e-1), "IVON": (IVON_LR_DIGITS, WD_WITH_STEPS), "epochs": 60,
+               "batch": 32},
 }
-IVON_HESS_INIT, IVON_B2 = 0.2, 0.999
 
 
 def main() -> None:
@@ -65,9 +75,10 @@ def main() -> None:
     else:
         data, model = T.digits(), T.mlp((64, 128, 128, 10))
     setup = T.Setup(epochs, cfg["batch"])
+    total = T.steps_per_epoch(data, setup) * epochs
     methods = {
         "AdamW": T.adamw_method([cfg["AdamW"]]),
-        "IVON": T.ivon_method([cfg["IVON"]], IVON_HESS_INIT, IVON_B2),
+        "IVON": T.ivon_defaults_method([cfg["IVON"]], total),
     }
     seeds = jnp.arange(1, args.seeds + 1)
     block = 5 if epochs % 5 == 0 else 1
@@ -86,8 +97,11 @@ def main() -> None:
                     s = ivon_jax.state_summary(jax.tree.map(lambda a: a[0], carry[1]))
                     bar.set_postfix(seed1_sigma_median=f"{float(s['sigma_p50']):.3g}",
                                     h_median=f"{float(s['h_p50']):.3g}",
-                                    h_at_floor=f"{float(s['frac_h_at_floor']):.2f}")
+                                    h0_weight=f"{float(s['h0_weight']):.2f}",
+                                    h_decay_share=f"{float(s['h_decay_share']):.2f}")
             finals[name] = carry
+            if method.is_ivon:  # logs a warning if h could not move or σ is the prior's
+                ivon_jax.posterior_health(jax.tree.map(lambda a: a[0], carry[1]))
 
     # Test-set predictive distributions, one per seed.
     preds: dict[str, list] = {"AdamW": [], "IVON@mean": [], f"IVON ({args.samples} samples)": []}
@@ -129,7 +143,8 @@ def main() -> None:
           f"{model.name}, {epochs} epochs, batch {setup.batch}, warm-up + cosine; "
           f"{args.seeds} seeds (mean ± std)")
     print(f"AdamW lr {a_cfg[0]:g}, weight decay {a_cfg[1]:g}; IVON lr {i_cfg[0]:g}, "
-          f"ess {n}, h0 {IVON_HESS_INIT:g}, b2 {IVON_B2:g}, weight decay {i_cfg[1]:g}\n")
+          f"ess {n}, total_steps {total} (defaults: h0 1, b2 1 - 2/{total}, weight decay "
+          f"{i_cfg[1]:g})\n")
     print("| method | test acc (%) | NLL | ECE | Brier |")
     print("|---|---:|---:|---:|---:|")
     for name, ps in preds.items():
