@@ -246,6 +246,9 @@ def posterior_health(
       differ from h₀β₂ᵗ by more than a factor of 2 (``frac_h_learned``) and most of h is
       h₀'s (``h_decay_share`` > 0.9). β₂ is too close to 1 for the run: σ stays what h₀
       made it (pass ``total_steps=`` to :func:`ivon`, which sets β₂ = 1 - 2/T).
+    - **σ near the prior**: for half of the elements σ is more than half of the prior's
+      1/√(λδ) (``sigma_prior_ratio_p50`` > 0.5): the data has not narrowed the posterior
+      there, and samples are nearly as wide as the prior (raise ``ess`` or ``weight_decay``).
 
     Not reported as a problem: h that has decayed as h₀β₂ᵗ to a small ``h0_weight`` while
     the data's ĥ stayed below it (``h_decay_share`` near 1, ``h0_weight`` small). That is
@@ -253,9 +256,6 @@ def posterior_health(
     it predicts better than runs whose h is the data's (see the hyper-parameter guide);
     ``state_summary`` shows it for those who want σ to carry the data's curvature (then
     lower ``hess_init`` towards ĥ's scale or raise ``ess``).
-    - **σ near the prior**: for half of the elements σ is more than half of the prior's
-      1/√(λδ) (``sigma_prior_ratio_p50`` > 0.5): the data has not narrowed the posterior
-      there, and samples are nearly as wide as the prior (raise ``ess`` or ``weight_decay``).
 
     Not jittable (it turns the summary into Python floats): call it every few hundred steps
     or at the end of training, outside ``jit``.
