@@ -48,7 +48,7 @@ over the committed results.
 
 Usage::
 
-    python benchmarks/continual.py                  # about 8 minutes on 2 CPU cores
+    python benchmarks/continual.py                  # 5-7 minutes on 2 CPU cores
     python benchmarks/continual.py --quick --out /tmp/x   # a tiny version (CI)
 """
 
