@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     probs_mc = ivon_eqx.predict_proba(pred_key, model, opt_state, x_test,
                                       num_samples=args.samples)
 
-    print(f"\ndigits: {n_train} train / {len(y_test)} test; MLP 64-128-128-10; "
-          f"{args.epochs} epochs x {steps_per_epoch} steps (batch {BATCH}); "
+    print(f"\ndigits: {n_train} train / {len(y_test)} test images; MLP 64-128-128-10")
+    print(f"{args.epochs} epochs x {steps_per_epoch} steps (batch {BATCH}); "
           f"training took {train_s:.1f} s")
     print("| prediction | test acc (%) | NLL | ECE |")
     print("|---|---:|---:|---:|")
