@@ -5,8 +5,8 @@
 
 Everything is jitted, with parameters and optimizer state donated; times are medians of
 repeated calls after warm-up, with ``block_until_ready``, the contenders of a row called in
-turn. Ratios are IVON / AdamW from the same run (the machines are shared and noisy, so
-absolute times matter less than ratios).
+turn. Ratios are IVON / AdamW from the same run (on a shared, noisy machine absolute times
+matter less than ratios).
 
 Sections:
   1. Whole train step (forward, backward, optimizer; one MC sample): MLP 784-500-300-10

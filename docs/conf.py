@@ -107,6 +107,9 @@ html_theme_options = {
     "use_download_button": False,
     "repository_url": REPOSITORY,
     "use_repository_button": True,
+    # The sidebar has the search field; without this the theme adds a header bar above every
+    # page holding only a second search button.
+    "navbar_persistent": [],
 }
 
 # docs/notebooks/*.ipynb are symbolic links to the repository's notebooks/ folder (one copy of

@@ -561,8 +561,8 @@ def _needed(tpr: float, n: int) -> int:
 def fpr_at_tpr(scores_in: Any, scores_out: Any, tpr: float = 0.95) -> jax.Array:
     r"""False-positive rate at the largest threshold whose true-positive rate is ≥ ``tpr``.
 
-    With :math:`k = \lceil \mathrm{tpr} \cdot N_{in} \rceil`, the threshold is
-    :math:`t^* = ` the k-th largest in-distribution score, which is the largest t with
+    With :math:`k = \lceil \mathrm{tpr} \cdot N_{in} \rceil`, the threshold
+    :math:`t^*` is the k-th largest in-distribution score, which is the largest t with
     :math:`\mathrm{TPR}(t) \ge \mathrm{tpr}` (ties at :math:`t^*` only raise the TPR), and
 
     .. math:: \mathrm{FPR@tpr} = \#\{j : s^{out}_j \ge t^*\} / N_{out}.

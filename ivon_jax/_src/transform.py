@@ -516,8 +516,8 @@ def ivon(
         not be finite (a NaN or infinity only in ``hess``, an h-update that overflows)
         keeps its previous h. h and σ therefore stay finite whatever the inputs. The check
         is one sum per gradient leaf and the no-op is a select inside the update's
-        kernels; measured on a 2-core CPU it costs 2–6 % of an MLP train step with 0.55M
-        parameters and 6–26 % with 10M (medians of six runs: 2 % and 11 %;
+        kernels; measured on 2-core CPUs it costs 2–6 % of an MLP train step with 0.55M
+        parameters and 6–26 % with 10M (medians of six runs on one machine: 2 % and 11 %;
         ``benchmarks/perf.py``, and the docs' page on non-finite steps says why). ``False``
         removes it (and ``skipped`` from the state). For a whole-step skip on *any*
         non-finite value, wrap a chain in

@@ -57,7 +57,7 @@ def skip_nonfinite(
     ``skip_nonfinite`` argument): it skips steps with non-finite *gradients* the same way, but
     keeps h element by element where only ĥ is bad or h would overflow. This wrapper is the
     stricter, generic one — any chain, any non-finite value, whole steps — and reads the
-    inputs and results a second time (1.33–1.73× a train step on a 2-core CPU,
+    inputs and results a second time (1.29–1.73× a train step on 2-core CPUs,
     ``benchmarks/perf.py``).
 
     Args:
