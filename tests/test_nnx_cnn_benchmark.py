@@ -34,7 +34,7 @@ def test_nnx_cnn_quick(tmp_path):
     test = [r for r in rows if r["phase"] == "test"]
     # --quick: 2 configurations x 1 tuning seed per optimizer; 1 test seed, IVON scored twice.
     assert [(r["method"], float(r["lr"])) for r in tune] == [
-        ("AdamW", 1e-3), ("AdamW", 1e-3), ("IVON", 0.05), ("IVON", 0.1)]
+        ("AdamW", 1e-3), ("AdamW", 1e-3), ("IVON", 0.25), ("IVON", 0.5)]
     assert [float(r["wd"]) for r in tune[:2]] == [1e-2, 3e-1] and tune[2]["wd"] == ""
     assert all(r["split"] == "val" and r["epochs"] == "1" for r in tune)
     assert [r["method"] for r in test] == ["AdamW", "IVON@mean", "IVON (4 samples)"]
