@@ -14,7 +14,7 @@ Example::
     from ivon_jax import equinox as ivon_eqx
 
     model = eqx.nn.MLP(64, 10, 128, 2, key=jax.random.key(0))
-    opt = ivon_jax.ivon(0.2, ess=n_train)
+    opt = ivon_jax.ivon(1.0, ess=n_train, total_steps=num_steps)
     opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
 
     def loss_fn(model, x, y):                      # the MEAN loss over the batch
