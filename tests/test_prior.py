@@ -286,3 +286,33 @@ def test_bad_arguments_raise():
         ivon_jax.set_prior(state, mean={"v": jnp.zeros(3)})
     with pytest.raises(ValueError, match="no IVON state"):
         ivon_jax.set_prior(optax.adam(0.1).init(params), precision=1.0)
+
+
+def test_set_prior_on_an_nnx_optimizer_state():
+    """set_prior and posterior_as_prior work on `nnx.Optimizer.opt_state` (NNX Variables in
+    the state): σ reads the new per-element precision, and a step with no gradient moves the
+    weights towards the new prior mean."""
+    from flax import nnx
+
+    import ivon_jax.flax.nnx  # noqa: F401
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(3, 2, rngs=rngs)
+
+    model = Net(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, ivon_jax.ivon(0.1, ess=10.0, hess_init=1.0,
+                                                   prior_mean="init"), wrt=nnx.Param)
+    params = nnx.state(model, nnx.Param)
+    prior = ivon_jax.posterior_as_prior(params, optimizer.opt_state)
+    shifted = jax.tree.map(lambda a: a + 1.0, prior["mean"])
+    optimizer.opt_state = ivon_jax.set_prior(optimizer.opt_state, mean=shifted, precision=0.5)
+    sigma = ivon_jax.posterior_std(optimizer.opt_state, params)
+    for s in jax.tree.leaves(sigma):  # 1/√(λ(h₀ + 0.5)), h₀ = 1, λ = 10
+        np.testing.assert_allclose(np.asarray(s), 1 / np.sqrt(10.0 * 1.5), rtol=1e-6)
+    before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    optimizer.update(model, zeros, hess=zeros)
+    after = nnx.state(model, nnx.Param)
+    for b, a in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        assert np.all(np.asarray(a) > b)  # towards the mean, which is 1 above every weight
