@@ -57,3 +57,17 @@ def test_gpt_pretrain_tiny_two_seeds(tmp_path):
     assert final[0, "AdamW"] != final[1, "AdamW"]
     assert "mean ± std" in out and "tokens/s ratio" in out
     assert (tmp_path / "gpt_pretrain.png").exists()
+
+
+def test_gpt_defaults_quick_tunes_only_the_learning_rate(tmp_path):
+    out = _run("gpt_defaults.py", "--quick", "--out", str(tmp_path))
+    rows = _rows(tmp_path / "gpt_defaults.csv")
+    assert [float(r["lr"]) for r in rows] == [0.3, 1.0]
+    for r in rows:
+        assert int(r["steps"]) == 5 and float(r["ess"]) > 0
+        assert math.isfinite(float(r["tune_loss"])) and float(r["sigma_p50"]) > 0
+        # β₂ = 1 - 2/T: after all T steps h₀'s weight is (1 - 2/5)^5.
+        assert abs(float(r["h0_weight"]) - 0.6**5) < 1e-4
+    best = min(rows, key=lambda r: float(r["tune_loss"]))
+    md = (tmp_path / "gpt_defaults.md").read_text()
+    assert f"(lr {float(best['lr']):g})" in md and md.strip() in out
