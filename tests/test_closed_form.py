@@ -7,10 +7,9 @@ precision λ (diag(H) + δ) with H = XᵀX / N, i.e. h → diag(H). Price's esti
 for diag(H) on a quadratic, so IVON's fixed point is exactly this optimum.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+from regression_common import scan_regression
 
 import ivon_jax
 
@@ -31,22 +30,11 @@ def _problem():
 
 def _run(b2: float = 0.999):
     x, y = _problem()
-    xj, yj = jnp.asarray(x), jnp.asarray(y)
-    loss = lambda p: 0.5 * jnp.mean(jnp.square(yj - xj @ p["theta"]))
     opt = ivon_jax.ivon(0.1, ess=float(N), hess_init=1.0, b2=b2, weight_decay=DELTA)
     params = {"theta": jnp.zeros(D, jnp.float32)}
-    state = opt.init(params)
-    vg = ivon_jax.value_and_grad(loss, num_samples=SAMPLES)
-
-    def step(carry, key):
-        params, state = carry
-        _, grads, hess = vg(key, params, state)
-        updates, state = opt.update(grads, state, params, hess=hess)
-        params = optax.apply_updates(params, updates)
-        return (params, state), (params["theta"], ivon_jax.find_ivon_states(state)[0].hess["theta"])
-
-    keys = jax.random.split(jax.random.key(0), STEPS)
-    _, (ms, hs) = jax.jit(lambda c, k: jax.lax.scan(step, c, k))((params, state), keys)
+    record = lambda p, s: (p["theta"], ivon_jax.find_ivon_states(s)[0].hess["theta"])
+    _, (ms, hs) = scan_regression(opt, params, opt.init(params), x, y, steps=STEPS,
+                                  samples=SAMPLES, seed=0, record=record)
     return x, y, np.asarray(ms), np.asarray(hs)
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from regression_common import scan_regression
 
 import ivon_jax
 from ivon_jax import merging
@@ -35,21 +36,9 @@ def _data(seed, orthogonal=False):
 
 
 def _run(opt, params, state, x, y, steps=STEPS, seed=0):
-    xj, yj = jnp.asarray(x), jnp.asarray(y)
-    loss = lambda p: 0.5 * jnp.mean(jnp.square(yj - xj @ p["theta"]))
-    vg = ivon_jax.value_and_grad(loss, num_samples=SAMPLES)
-
-    def step(carry, key):
-        params, state = carry
-        _, grads, hess = vg(key, params, state)
-        updates, state = opt.update(grads, state, params, hess=hess)
-        params = optax.apply_updates(params, updates)
-        return (params, state), (params["theta"], ivon_jax.posterior_std(state)["theta"])
-
-    keys = jax.random.split(jax.random.key(seed), steps)
-    (params, state), (ms, sigmas) = jax.jit(lambda c, k: jax.lax.scan(step, c, k))(
-        (params, state), keys
-    )
+    record = lambda p, s: (p["theta"], ivon_jax.posterior_std(s)["theta"])
+    (params, state), (ms, sigmas) = scan_regression(opt, params, state, x, y, steps=steps,
+                                                    samples=SAMPLES, seed=seed, record=record)
     return params, state, np.asarray(ms), np.asarray(sigmas)
 
 
@@ -146,7 +135,8 @@ def test_state_size_only_grows_when_used():
     st = ivon_jax.find_ivon_states(base)[0]
     assert st.prior_mean is None and st.prior_precision is None
     leaves0 = jax.tree.leaves(base)
-    init = ivon_jax.find_ivon_states(ivon_jax.ivon(0.1, ess=10.0, prior_mean="init").init(params))[0]
+    init = ivon_jax.find_ivon_states(
+        ivon_jax.ivon(0.1, ess=10.0, prior_mean="init").init(params))[0]
     assert len(jax.tree.leaves(init)) == len(jax.tree.leaves(st)) + 2
     assert init.prior_mean["w"].dtype == jnp.bfloat16  # one buffer like the parameter
     np.testing.assert_array_equal(np.asarray(init.prior_mean["w"], np.float32), 1.0)
@@ -265,7 +255,8 @@ def test_sharded_like_the_parameters():
     opt = ivon_jax.ivon(0.1, ess=10.0, prior_mean="init")
     st = ivon_jax.find_ivon_states(opt.init(params))[0]
     assert st.prior_mean["w"].sharding.is_equivalent_to(sharding, 2)
-    state = ivon_jax.set_prior(opt.init(params), **ivon_jax.posterior_as_prior(params, opt.init(params)))
+    state = ivon_jax.set_prior(opt.init(params),
+                               **ivon_jax.posterior_as_prior(params, opt.init(params)))
     st = ivon_jax.find_ivon_states(state)[0]
     assert st.prior_precision["w"].sharding.is_equivalent_to(sharding, 2)
     assert st.prior_mean["w"].sharding.is_equivalent_to(sharding, 2)
@@ -294,7 +285,7 @@ def test_set_prior_on_an_nnx_optimizer_state():
     weights towards the new prior mean."""
     from flax import nnx
 
-    import ivon_jax.flax.nnx  # noqa: F401
+    import ivon_jax.flax.nnx
 
     class Net(nnx.Module):
         def __init__(self, rngs):
