@@ -38,7 +38,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import tasks as T
 
 import ivon_jax
-from ivon_jax._src.transform import WD_WITH_STEPS, b2_for  # what total_steps=T resolves to
+from ivon_jax._src.transform import WD_WITH_STEPS  # what total_steps=T resolves to
+from ivon_jax._src.transform import b2_for
 
 RESULTS = pathlib.Path(__file__).with_name("results")
 # Chosen by paper_table.py on MNIST-1D's validation split (results/paper_table.md).
@@ -65,11 +66,8 @@ def main() -> None:
     setup = T.Setup(args.epochs, 100)
     total = T.steps_per_epoch(data, setup) * setup.epochs
     ivon = (IVON_LR, WD_WITH_STEPS)
-    ivon_method = T.ivon_defaults_method([ivon], total)
-    if args.ivon_b2 is not None:
-        ivon_method = T.Method("IVON", (ivon,), "weight_decay",
-                               lambda lr, wd, n: ivon_jax.ivon(lr, ess=n, total_steps=total,
-                                                               b2=args.ivon_b2), is_ivon=True)
+    b2 = {} if args.ivon_b2 is None else {"b2": args.ivon_b2}
+    ivon_method = T.ivon_defaults_method([ivon], total, **b2)
     b2_used = b2_for(total) if args.ivon_b2 is None else args.ivon_b2
     methods = {
         "AdamW": (T.adamw_method([ADAMW]), ADAMW),

@@ -233,13 +233,14 @@ def ivon_method(grid, hess_init: float, b2: float, ess_factor: float = 1.0,
     )
 
 
-def ivon_defaults_method(grid, total_steps: int) -> Method:
+def ivon_defaults_method(grid, total_steps: int, **kwargs: Any) -> Method:
     # What a user who ports from AdamW writes: ``ivon(lr, ess=N, total_steps=T)`` and nothing
     # else (β₂ = 1 - 2/T, δ = 1e-3, h₀ = 1, rescaled learning rate). Only the learning rate is
-    # tuned; the grid's second entry is recorded as the δ the default resolves to.
+    # tuned; the grid's second entry is recorded as the δ the default resolves to. ``kwargs``
+    # override a default (e.g. ``b2``) for comparisons.
     return Method(
         "IVON", tuple(grid), "weight_decay",
-        lambda lr, wd, n: ivon_jax.ivon(lr, ess=n, total_steps=total_steps),
+        lambda lr, wd, n: ivon_jax.ivon(lr, ess=n, total_steps=total_steps, **kwargs),
         is_ivon=True,
     )
 
