@@ -34,8 +34,9 @@ Everything runs offline on the Python standard library's sources.
    same budget for its one knob, the scale s ∈ MERGE_SCALES, chosen on the mean validation
    accuracy over the tasks (s = 1 is the formula as published, also reported).
 
-Default run: about 40 minutes on a 2-core CPU shared with other jobs, with the base model
-loaded from its checkpoint (pretraining it takes about 2 minutes more). ``--quick`` runs a tiny version (about 30 s). Writes
+Default run: 20 minutes on a 2-core CPU (38 while other jobs shared it), with the base
+model loaded from its checkpoint (pretraining it takes about 2 minutes more). ``--quick``
+runs a tiny version (about 30 s). Writes
 ``finetune_merge.csv`` (every fine-tuning run and evaluation), ``finetune_merge.merging.csv``
 (every merge and evaluation) and ``finetune_merge.md`` (the tables) to ``--out``
 (default ``benchmarks/results/``; a ``--quick`` run without ``--out`` writes to a new temporary

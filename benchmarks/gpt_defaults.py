@@ -33,7 +33,11 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from gpt_pretrain import RESULTS, add_model_args, batches, build_model, load_corpus
+from gpt_pretrain import RESULTS
+from gpt_pretrain import add_model_args
+from gpt_pretrain import batches
+from gpt_pretrain import build_model
+from gpt_pretrain import load_corpus
 
 import ivon_jax
 
